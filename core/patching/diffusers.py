@@ -1,0 +1,116 @@
+"""The diffusers backend: residuals and LAG on a ``UNet2DConditionModel`` through the core's forward hooks."""
+from __future__ import annotations
+
+import torch
+
+from .. import residuals as R
+from .. import training
+from ..layouts import diffusers_to_ldm_namer, family_from_config, find_sites
+from ..localize import ResidualGate, cfg_plan
+from ..tokens import word_positions
+
+
+def unet_sites(unet):
+    """(site, module) for every transformer of a diffusers UNet, with ldm paths."""
+    return find_sites(unet, diffusers_to_ldm_namer(unet.config.layers_per_block))
+
+
+def unet_family(unet) -> str:
+    return family_from_config(unet.config.cross_attention_dim, bool(unet.config.use_linear_projection))
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+
+
+def concept_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
+    """Prompt positions of every sub-token of ``words`` (e.g. the token V* and the class word)."""
+    ids = token_ids(tokenizer, prompt)
+    word_ids = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
+    return word_positions(ids, word_ids, prompt)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = torch.tensor([token_ids(tokenizer, p) for p in prompts], device=text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+def training_prompt(token: str, class_word: str) -> str:
+    """The paper's prompt for every reference image."""
+    return f"a photo of a {token} {class_word}"
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """images [N, H, W, 3] in [0, 1] -> scaled latents (the distribution's mean: deterministic)."""
+    out = []
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images [N, H, W, 3] in [0, 1]."""
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, class_word: str,
+                    token: str = "sks", masks: torch.Tensor | None = None, resolution: int = 512,
+                    views: int = 4, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
+                    config: training.TrainConfig = training.TrainConfig(), prediction: str = "eps",
+                    alphas_cumprod: torch.Tensor | None = None, progress=None):
+    """Learn a residual set for a concept from ``images`` [N, H, W, 3]; returns (ResidualSet, losses)."""
+    if images.shape[0] == 0:
+        raise ValueError("the image batch is empty: give at least one image of the concept")
+    if masks is not None and tuple(masks.shape) != tuple(images.shape[:3]):
+        raise ValueError(f"the masks are {tuple(masks.shape)} but the images are {tuple(images.shape[:3])}: "
+                         "give one mask per image, of the image's size")
+    sites = unet_sites(unet)
+    family = unet_family(unet)
+    prompt = training_prompt(token, class_word)
+    concept_positions(tokenizer, prompt, [token, class_word])  # fails early on a word the tokenizer drops
+    meta = {"technique": "personalized_residuals", "base_family": family, "class_word": class_word,
+            "token": token, "steps": config.steps, "seed": config.seed, "learning_rate": config.learning_rate,
+            "batch_size": config.batch_size, "resolution": resolution, "prompt": prompt}
+    rs = R.init_residuals([s for s, _ in sites], rank_ratio, fixed_rank, seed=config.seed,
+                          device=unet.device, metadata=meta)
+    view_images, view_masks = training.make_views(images, masks, resolution, views, config.seed)
+    latents = encode_images(vae, view_images).float()
+    lat_masks = None
+    if view_masks is not None:
+        lat_masks = torch.nn.functional.interpolate(view_masks[:, None], size=latents.shape[-2:], mode="area")
+        if (lat_masks.flatten(1).sum(1) == 0).any():
+            raise ValueError("a mask is empty at latent resolution: every mask must cover part of its image")
+    context = encode_text(tokenizer, text_encoder, [prompt])
+    ac = alphas_cumprod if alphas_cumprod is not None else training.scaled_linear_alphas_cumprod()
+    unet.requires_grad_(False)
+
+    def predict(x_t, t, ctx):
+        return unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx).sample
+
+    with ResidualGate(sites, rs):
+        losses = training.train(rs.parameters(), predict, latents, context, ac, prediction, lat_masks, config,
+                                progress)
+    return rs.detached(), losses
+
+
+@torch.no_grad()
+def sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latent_shape, steps: int = 20,
+           guidance: float = 7.0, seed: int = 0, gate: ResidualGate | None = None, token_idx=None):
+    """Classifier-free-guided sampling; with ``gate`` installed, every UNet call gets a CFG plan for LAG."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(latent_shape, generator=gen).to(unet.device, unet.dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    b = latent_shape[0]
+    context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        if gate is not None:
+            gate.plan = cfg_plan(2 * b, [1, 0], token_idx or [])
+        eps_u, eps_c = unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
+        x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+    return x

@@ -1,0 +1,202 @@
+"""Low-rank residual sets (Ham et al. 2024): Delta W = up @ down on each transformer's proj_out.
+
+Files are safetensors with generic ``diffusion_model.<path>.lora_up.weight / lora_down.weight / alpha``
+keys, which ComfyUI's stock LoraLoader reads, plus string metadata describing the concept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .layouts import TransformerSite, family_label
+
+KEY_PREFIX = "diffusion_model."
+FORMAT_VERSION = "1"
+DEFAULT_RANK_RATIO = 0.05  # the paper: r_i = 0.05 * m_i
+
+
+class ResidualFileError(ValueError):
+    """A residual file that cannot be used with the model at hand."""
+
+
+@dataclass
+class LowRank:
+    """One layer's residual: Delta W = (alpha / rank) * up @ down, stored 2-D; ``conv`` marks a 1x1 conv target."""
+
+    down: torch.Tensor  # [rank, in]
+    up: torch.Tensor  # [out, rank]
+    alpha: float
+    conv: bool
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """Delta W as a 2-D [out, in] matrix."""
+        return (self.up @ self.down) * self.scale
+
+
+@dataclass
+class ResidualSet:
+    """Residuals keyed by the ldm path of their target layer (e.g. ``input_blocks.1.1.proj_out``)."""
+
+    layers: dict[str, LowRank]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers.values() for t in (layer.down, layer.up)]
+
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+    def detached(self) -> "ResidualSet":
+        layers = {k: LowRank(v.down.detach().clone(), v.up.detach().clone(), v.alpha, v.conv)
+                  for k, v in self.layers.items()}
+        return ResidualSet(layers, dict(self.metadata))
+
+    @property
+    def family(self) -> str:
+        return self.metadata.get("base_family", "unknown")
+
+
+def rank_for(width: int, ratio: float = DEFAULT_RANK_RATIO, fixed_rank: int = 0) -> int:
+    """Rank of one layer's residual: ``fixed_rank`` if set, else round(ratio * width), at least 1."""
+    if fixed_rank > 0:
+        return min(fixed_rank, width)
+    return max(1, min(width, round(ratio * width)))
+
+
+def init_residuals(sites: list[TransformerSite], ratio: float = DEFAULT_RANK_RATIO, fixed_rank: int = 0,
+                   seed: int = 0, init_scale: float = 1e-2, dtype=torch.float32, device="cpu",
+                   metadata: dict | None = None) -> ResidualSet:
+    """Random residuals for every site; both factors random as in the paper.
+
+    down ~ N(0, 1/width) keeps down(x) at the input's scale; up ~ N(0, init_scale^2 / rank) makes the
+    initial Delta W x about ``init_scale`` of x, so training starts near the base model.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    layers = {}
+    for site in sites:
+        r = rank_for(site.width, ratio, fixed_rank)
+        down = torch.randn(r, site.width, generator=gen) / math.sqrt(site.width)
+        up = torch.randn(site.width, r, generator=gen) * (init_scale / math.sqrt(r))
+        layers[site.target] = LowRank(down.to(device, dtype), up.to(device, dtype), float(r), conv=not site.linear)
+    rule = f"fixed:{fixed_rank}" if fixed_rank > 0 else f"ratio:{ratio:g}"
+    meta = {"rank_rule": rule, "layout": layout_signature(sites)}
+    meta.update(metadata or {})
+    return ResidualSet(layers, {k: str(v) for k, v in meta.items()})
+
+
+def layout_signature(sites: list[TransformerSite]) -> str:
+    """JSON {target path: width} that a loaded file is checked against."""
+    return json.dumps({s.target: s.width for s in sites}, sort_keys=True)
+
+
+def residual_forward(layer: LowRank, x: torch.Tensor) -> torch.Tensor:
+    """Delta W x for the layer's input: [B, C, H, W] for a 1x1 conv target, [..., C] for a linear one."""
+    down = layer.down.to(x.dtype)
+    up = layer.up.to(x.dtype) * layer.scale
+    if layer.conv:
+        h = torch.einsum("rc,bchw->brhw", down, x)
+        return torch.einsum("or,brhw->bohw", up, h)
+    return (x @ down.t()) @ up.t()
+
+
+def merged_weight(weight: torch.Tensor, layer: LowRank, strength: float = 1.0) -> torch.Tensor:
+    """W + strength * Delta W, shaped like ``weight`` (a new tensor; the input is left untouched)."""
+    delta = layer.delta().to(weight.dtype).reshape(weight.shape)
+    return weight + strength * delta
+
+
+# ------------------------------------------------------------------------------------------ file I/O
+def to_state_dict(rs: ResidualSet) -> dict[str, torch.Tensor]:
+    """Generic LoRA keys: 1x1 conv targets get 4-D factors, linear targets 2-D, as kohya-style loaders expect."""
+    sd = {}
+    for path, layer in rs.layers.items():
+        down, up = layer.down.detach().contiguous(), layer.up.detach().contiguous()
+        if layer.conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        sd[f"{KEY_PREFIX}{path}.lora_down.weight"] = down
+        sd[f"{KEY_PREFIX}{path}.lora_up.weight"] = up
+        sd[f"{KEY_PREFIX}{path}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    return sd
+
+
+def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> ResidualSet:
+    layers = {}
+    suffix = ".lora_down.weight"
+    for key in sd:
+        if not (key.startswith(KEY_PREFIX) and key.endswith(suffix)):
+            continue
+        path = key[len(KEY_PREFIX):-len(suffix)]
+        down, up = sd[key], sd.get(f"{KEY_PREFIX}{path}.lora_up.weight")
+        if up is None:
+            raise ResidualFileError(f"residual file has {key} but no matching lora_up weight")
+        alpha_t = sd.get(f"{KEY_PREFIX}{path}.alpha")
+        alpha = float(alpha_t.item()) if alpha_t is not None else float(down.shape[0])
+        conv = down.dim() == 4
+        layers[path] = LowRank(down.flatten(1), up.flatten(1), alpha, conv)
+    if not layers:
+        raise ResidualFileError("no 'diffusion_model.*.lora_down.weight' keys: this is not a residual/LoRA file "
+                                "for a UNet")
+    return ResidualSet(layers, dict(metadata or {}))
+
+
+def save(rs: ResidualSet, path: str, overwrite: bool = False, dtype: torch.dtype | None = None) -> str:
+    """Write ``rs`` to ``path``; refuses to replace an existing file unless ``overwrite``. Returns the path."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or enable 'overwrite'")
+    sd = to_state_dict(rs)
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if k.endswith(".weight") else v) for k, v in sd.items()}
+    meta = {"concepts.format_version": FORMAT_VERSION}
+    meta.update({k: str(v) for k, v in rs.metadata.items()})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(sd, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under the real name
+    return path
+
+
+def load(path: str) -> ResidualSet:
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("concepts.format_version", None)
+    return from_state_dict(sd, meta)
+
+
+def check_compatible(rs: ResidualSet, family: str, sites: list[TransformerSite]) -> None:
+    """Raise ResidualFileError, naming both families, when ``rs`` was made for another model."""
+    file_family = rs.metadata.get("base_family")
+    if file_family and file_family != family:
+        raise ResidualFileError(
+            f"this residual file was trained for {family_label(file_family)} ({file_family}) but the model is "
+            f"{family_label(family)} ({family}); load a checkpoint of the file's family or train residuals "
+            "for this model")
+    widths = {s.target: s.width for s in sites}
+    linear = {s.target: s.linear for s in sites}
+    for path, layer in rs.layers.items():
+        if path not in widths:
+            raise ResidualFileError(
+                f"the residual file targets '{path}', which this {family_label(family)} model does not have: "
+                "the file was made for a model with another block layout")
+        if layer.down.shape[1] != widths[path] or layer.up.shape[0] != widths[path]:
+            raise ResidualFileError(
+                f"'{path}' is {widths[path]} channels wide in this model but {layer.up.shape[0]} in the file: "
+                "the file was made for a model with another layout")
+        if layer.conv == linear[path]:
+            kinds = ("a 1x1 conv", "a linear layer")
+            raise ResidualFileError(
+                f"'{path}' is {kinds[linear[path]]} in this model but {kinds[not layer.conv]} in the file: "
+                "the file was made for a model with another layout")

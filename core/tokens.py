@@ -1,0 +1,33 @@
+"""Finding a concept's words among a prompt's tokens."""
+from __future__ import annotations
+
+DEFAULT_TOKEN = "sks"  # a rare CLIP token, as DreamBooth and the paper's V* use
+
+
+class TokenNotFoundError(ValueError):
+    """A word that should be in the prompt is not."""
+
+
+def find_subsequence(haystack: list[int], needle: list[int]) -> list[int]:
+    """Positions covered by every occurrence of ``needle`` in ``haystack``."""
+    found = []
+    n = len(needle)
+    if n == 0:
+        return found
+    for i in range(len(haystack) - n + 1):
+        if haystack[i:i + n] == needle:
+            found.extend(range(i, i + n))
+    return found
+
+
+def word_positions(prompt_ids: list[int], words: dict[str, list[int]], prompt: str = "") -> list[int]:
+    """Sorted positions of all sub-tokens of every word; raises naming the missing word and the prompt."""
+    positions: set[int] = set()
+    for word, ids in words.items():
+        hits = find_subsequence(prompt_ids, ids)
+        if not hits:
+            raise TokenNotFoundError(
+                f"the word '{word}' is not in the prompt \"{prompt}\"; write it into the prompt "
+                "(for a learned concept: 'a photo of a <token> <class word>') or change the token/class word")
+        positions.update(hits)
+    return sorted(positions)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from core import training
+from core.localize import ResidualGate
+from core.patching.diffusers import encode_images, encode_text, train_residuals, unet_sites
+from core.tokens import TokenNotFoundError
+
+
+def fixed_eval_loss(unet, vae, tokenizer, text_encoder, images, rs=None):
+    """Noise-prediction loss at fixed timesteps and noise: comparable before and after training."""
+    gen = torch.Generator().manual_seed(123)
+    x0 = encode_images(vae, images)
+    ctx = encode_text(tokenizer, text_encoder, ["a photo of a sks toy"]).expand(len(x0), -1, -1)
+    ac = training.scaled_linear_alphas_cumprod()
+    total = 0.0
+    with torch.no_grad():
+        for t_val in (100, 300, 500, 700):
+            noise = torch.randn(x0.shape, generator=gen)
+            a = ac[t_val]
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            t = torch.full((len(x0),), t_val)
+            if rs is None:
+                pred = unet(x_t, t, encoder_hidden_states=ctx).sample
+            else:
+                with ResidualGate(unet_sites(unet), rs):
+                    pred = unet(x_t, t, encoder_hidden_states=ctx).sample
+            total += torch.mean((pred - noise) ** 2).item()
+    return total / 4
+
+
+def test_training_lowers_the_loss_and_is_deterministic(sd1_unet, vae, tokenizer, text_encoder, concept_images):
+    cfg = training.TrainConfig(steps=40, batch_size=4, learning_rate=1e-2, seed=3)
+    kwargs = dict(class_word="toy", token="sks", resolution=32, views=2, config=cfg)
+    rs, losses = train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images, **kwargs)
+    before = fixed_eval_loss(sd1_unet, vae, tokenizer, text_encoder, concept_images)
+    after = fixed_eval_loss(sd1_unet, vae, tokenizer, text_encoder, concept_images, rs)
+    assert after < 0.9 * before, (before, after)
+    assert len(losses) == 40 and rs.metadata["class_word"] == "toy" and rs.metadata["steps"] == "40"
+    rs2, losses2 = train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images, **kwargs)
+    assert losses == losses2
+    assert all(torch.equal(rs.layers[k].up, rs2.layers[k].up) for k in rs.layers)
+    assert all(not p.requires_grad for p in sd1_unet.parameters())  # the base stays frozen
+
+
+def test_masked_loss_ignores_pixels_outside_the_mask_exactly():
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 1:6] = 1
+    changed = pred.clone()
+    changed[:, :, 6:, :] += 100.0  # outside the mask
+    assert training.diffusion_loss(pred, target, mask) == training.diffusion_loss(changed, target, mask)
+    inside = ((pred - target) ** 2)[:, :, 2:5, 1:6].mean()
+    assert torch.allclose(training.diffusion_loss(pred, target, mask), inside)
+
+
+def test_prediction_conversions_round_trip():
+    x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    a = torch.tensor([0.9, 0.5, 0.05])
+    x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
+    v = training.convert_prediction(eps, "eps", "v", x_t, a)
+    assert torch.allclose(training.convert_prediction(v, "v", "eps", x_t, a), eps, atol=1e-5)
+    assert torch.allclose(training.convert_prediction(x0, "x0", "eps", x_t, a), eps, atol=1e-4)
+
+
+def test_nan_loss_stops_with_advice(sd1_unet, vae, tokenizer, text_encoder, concept_images):
+    bad = concept_images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(training.TrainingDivergedError, match="learning rate"):
+        train_residuals(sd1_unet, vae, tokenizer, text_encoder, bad, "toy", resolution=32, views=1,
+                        config=training.TrainConfig(steps=3, batch_size=4))
+
+
+def test_bad_inputs_get_clear_messages(sd1_unet, vae, tokenizer, text_encoder, concept_images):
+    cfg = training.TrainConfig(steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images[:0], "toy", config=cfg)
+    with pytest.raises(ValueError, match="one mask per image"):
+        train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images, "toy",
+                        masks=torch.ones(4, 16, 16), config=cfg)
+    with pytest.raises(ValueError, match="empty"):
+        train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images, "toy", resolution=32,
+                        masks=torch.zeros(4, 32, 32), config=cfg)
+
+
+def test_views_keep_masks_aligned_with_images(concept_images):
+    masks = (concept_images[..., 0] > 0.8).float()
+    imgs, ms = training.make_views(concept_images, masks, 24, 3, seed=0)
+    assert imgs.shape == (12, 24, 24, 3) and ms.shape == (12, 24, 24)
+    red = (imgs[..., 0] > 0.7).float()
+    assert ((red - (ms > 0.5).float()).abs().mean() < 0.1)
+
+
+def test_word_missing_from_prompt_is_named():
+    from core.tokens import word_positions
+    with pytest.raises(TokenNotFoundError, match="'cat'.*not in the prompt"):
+        word_positions([1, 2, 3], {"cat": [9]}, "a dog")
