@@ -89,7 +89,7 @@ class ResidualGate:
         self._handles: list = []
 
     # -------------------------------------------------------------- lifecycle
-    def install(self) -> "ResidualGate":
+    def install(self) -> ResidualGate:
         if self._handles:
             return self
         for site, module in self.sites:

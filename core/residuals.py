@@ -60,7 +60,7 @@ class ResidualSet:
     def parameter_count(self) -> int:
         return sum(t.numel() for t in self.parameters())
 
-    def detached(self) -> "ResidualSet":
+    def detached(self) -> ResidualSet:
         layers = {k: LowRank(v.down.detach().clone(), v.up.detach().clone(), v.alpha, v.conv)
                   for k, v in self.layers.items()}
         return ResidualSet(layers, dict(self.metadata))
@@ -200,3 +200,36 @@ def check_compatible(rs: ResidualSet, family: str, sites: list[TransformerSite])
             raise ResidualFileError(
                 f"'{path}' is {kinds[linear[path]]} in this model but {kinds[not layer.conv]} in the file: "
                 "the file was made for a model with another layout")
+
+
+_BLOCK_ALIASES = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
+
+
+def parse_block_strengths(text: str, paths) -> dict[str, float]:
+    """Per-layer multipliers from ``"input=1, middle=0.5, output_blocks.9=0"``.
+
+    Each name is a block-path prefix (``input``/``middle``/``output`` are short for the ldm names); the longest
+    matching prefix wins; layers no entry names keep 1.0. A name that matches no layer is an error.
+    """
+    rules = []
+    for part in filter(None, (p.strip() for p in text.replace(";", ",").replace("\n", ",").split(","))):
+        if "=" not in part:
+            raise ValueError(f"block strength '{part}' needs the form name=value, e.g. 'middle=0.5'")
+        name, value = (s.strip() for s in part.split("=", 1))
+        head, _, rest = name.partition(".")
+        name = _BLOCK_ALIASES.get(head, head) + (f".{rest}" if rest else "")
+        try:
+            rules.append((name, float(value)))
+        except ValueError:
+            raise ValueError(f"block strength '{part}': '{value}' is not a number") from None
+    out = {}
+    for name, value in rules:
+        hits = [p for p in paths if p == name or p.startswith(name + ".") or p.startswith(name + "_")]
+        if not hits:
+            raise ValueError(f"block strength '{name}' matches no residual layer; layers are: "
+                             + ", ".join(sorted({p.rsplit('.proj_out', 1)[0] for p in paths})))
+        for p in hits:
+            prev = out.get(p)
+            if prev is None or len(name) >= prev[0]:
+                out[p] = (len(name), value)
+    return {p: v for p, (_, v) in out.items()}

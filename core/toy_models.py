@@ -98,3 +98,18 @@ def sdxl_unet_on_meta():
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             addition_embed_type="text_time", projection_class_embeddings_input_dim=2816, addition_time_embed_dim=256)
+
+
+def concept_renders(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``n`` renders [n, size, size, 3] in [0, 1] of a made-up concept: a red-and-white striped square,
+    at a random place on a plain background of random grey. Deterministic for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    side = size // 2
+    imgs = torch.empty(n, size, size, 3)
+    stripes = (torch.arange(side)[:, None] % 8 < 4).float().expand(side, side)
+    concept = torch.stack([0.85 + 0.1 * stripes, 0.1 + 0.8 * stripes, 0.1 + 0.8 * stripes], -1)
+    for i in range(n):
+        imgs[i] = 0.3 + 0.4 * torch.rand((), generator=gen)
+        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=gen))
+        imgs[i, y:y + side, x:x + side] = concept
+    return imgs

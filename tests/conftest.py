@@ -1,8 +1,6 @@
 """Fixtures for the core tests: tiny random diffusers models built in code (no downloads)."""
 import pytest
-import torch
-
-from core.toy_models import tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
+from core.toy_models import concept_renders, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +30,5 @@ def vae():
 
 @pytest.fixture
 def concept_images():
-    """Four 32x32 renders of a 'concept': a textured red square at varying places on grey."""
-    gen = torch.Generator().manual_seed(0)
-    imgs = torch.full((4, 32, 32, 3), 0.5)
-    for i in range(4):
-        y, x = (int(v) for v in torch.randint(2, 14, (2,), generator=gen))
-        stripes = (torch.arange(16)[:, None] % 4 < 2).float().expand(16, 16)
-        imgs[i, y:y + 16, x:x + 16] = torch.stack([0.9 * torch.ones(16, 16), 0.2 * stripes, 0.1 * stripes], -1)
-    return imgs
+    """Four 32x32 renders of a made-up concept (a striped red square on grey)."""
+    return concept_renders(4, 32, seed=0)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.masks import binarize, block_hw, resize_mask
+from core.masks import binarize, block_hw
 
 
 def test_median_rule_turns_on_exactly_half_of_the_positions():

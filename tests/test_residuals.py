@@ -84,3 +84,14 @@ def test_file_for_another_layout_is_refused(sd1_unet, unet):
         rs.layers["input_blocks.99.1.proj_out"] = next(iter(rs.layers.values()))
     with pytest.raises(R.ResidualFileError, match="layout"):
         R.check_compatible(rs, rs.family, sites)
+
+
+def test_block_strengths_longest_prefix_wins_and_unknown_names_fail():
+    paths = ["input_blocks.1.1.proj_out", "input_blocks.2.1.proj_out", "middle_block.1.proj_out"]
+    got = R.parse_block_strengths("input=0.5, input_blocks.2=0, middle = 2", paths)
+    assert got == {"input_blocks.1.1.proj_out": 0.5, "input_blocks.2.1.proj_out": 0.0, "middle_block.1.proj_out": 2.0}
+    assert R.parse_block_strengths("", paths) == {}
+    with pytest.raises(ValueError, match="matches no residual layer"):
+        R.parse_block_strengths("output=1", paths)
+    with pytest.raises(ValueError, match="name=value"):
+        R.parse_block_strengths("middle", paths)

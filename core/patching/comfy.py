@@ -1,0 +1,157 @@
+"""The ComfyUI backend: the only core code that calls ModelPatcher methods. Duck-typed, never imports comfy.
+
+Global residuals become ordinary LoRA weight patches (the node hands in ComfyUI's own loader, so the result is
+what the stock LoraLoader gives). LAG installs the core's hooks for the length of one UNet call through a
+DIFFUSION_MODEL wrapper, so nothing outlives the call and the per-call state lives on the stack.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layouts import find_sites
+from ..localize import ResidualGate, cfg_plan
+from ..residuals import ResidualSet, to_state_dict
+from ..tokens import word_positions
+
+DIFFUSION_MODEL = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+WRAPPER_KEY = "comfyui-concepts"
+
+_FAMILIES = {"SD15": "SD1", "SD20": "SD2", "SDXL": "SDXL", "SDXLRefiner": "SDXLRefiner"}
+
+
+class ConditioningMismatchError(RuntimeError):
+    """The sampler's positive prompt is not the one whose token positions LAG knows."""
+
+
+def model_family(model_patcher) -> str:
+    """SD1 / SD2 / SDXL from the model's ComfyUI config class (subclasses such as SSD1B count as their base)."""
+    for cls in type(model_patcher.model.model_config).__mro__:
+        if cls.__name__ in _FAMILIES:
+            return _FAMILIES[cls.__name__]
+    return type(model_patcher.model.model_config).__name__
+
+
+def model_sites(model_patcher):
+    return find_sites(model_patcher.model.diffusion_model)
+
+
+def lora_state_dict(rs: ResidualSet, block_strengths: dict[str, float] | None = None):
+    """Group the residual's LoRA tensors by strength multiplier: {multiplier: state dict}."""
+    groups: dict[float, dict] = {}
+    sd = to_state_dict(rs)
+    for path in rs.layers:
+        mult = (block_strengths or {}).get(path, 1.0)
+        part = groups.setdefault(mult, {})
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            key = f"diffusion_model.{path}{suffix}"
+            part[key] = sd[key]
+    return groups
+
+
+def apply_global(model_patcher, rs: ResidualSet, strength: float, block_strengths, load_lora, key_map):
+    """A clone with the residuals as weight patches; ``load_lora``/``key_map`` are ComfyUI's own loader pieces."""
+    m = model_patcher.clone()
+    for mult, sd in lora_state_dict(rs, block_strengths).items():
+        patches = load_lora(sd, key_map)
+        if len(patches) != len({k.rsplit(".lora_", 1)[0] for k in sd if ".lora_" in k}):
+            raise RuntimeError("some residual layers did not map onto this model's weights")
+        m.add_patches(patches, strength * mult)
+    return m
+
+
+def _fresh_weight(weight):
+    return weight  # ComfyUI copies a weight that has a weight function: the copy is a normal autograd tensor
+
+
+def trainable_clone(model_patcher):
+    """A clone whose UNet weights reach each forward as fresh copies.
+
+    Checkpoints load under ``torch.inference_mode``; their weights cannot be saved for backward, which training
+    the residuals needs (gradients flow through every layer after the first proj_out). A weight function makes
+    ComfyUI's cast copy the weight inside the forward, where autograd accepts it; the loaded model is untouched.
+    """
+    m = model_patcher.clone()
+    for name, module in m.model.diffusion_model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for kind in ("weight", "bias"):
+            if getattr(module, kind, None) is not None:
+                m.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _fresh_weight)
+    m.model.requires_grad_(False)
+    return m
+
+
+def prompt_token_ids(clip, text: str) -> list[int]:
+    """Token ids of ``text`` as ComfyUI lays them out in the conditioning (all 77-token chunks, flattened)."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return [t[0] if isinstance(t[0], int) else -1 for chunk in tokens[key] for t in chunk]
+
+
+def word_token_ids(clip, word: str) -> list[int]:
+    """The ids of ``word`` without start/end/padding tokens."""
+    empty = prompt_token_ids(clip, "")
+    end = empty[1]
+    ids = prompt_token_ids(clip, word)[1:]
+    return ids[:ids.index(end)] if end in ids else ids
+
+
+def concept_positions(clip, text: str, words: list[str]) -> list[int]:
+    return word_positions(prompt_token_ids(clip, text), {w: word_token_ids(clip, w) for w in words if w}, text)
+
+
+def _matches(row: torch.Tensor, reference: torch.Tensor) -> bool:
+    n = reference.shape[0]
+    if row.shape[0] < n or row.shape[-1] != reference.shape[-1]:
+        return False
+    ref = reference.to(row.device, row.dtype)
+    return bool(torch.allclose(row[:n], ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))))
+
+
+def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Tensor, strength: float = 1.0,
+                block_strengths: dict[str, float] | None = None, rule: str = "median",
+                sigma_range: tuple[float, float] = (float("inf"), 0.0)):
+    """A DIFFUSION_MODEL wrapper applying ``rs`` with LAG for each UNet call.
+
+    Conditional chunks whose context starts with ``reference_cond`` [L, D] (the prompt the token positions
+    belong to) compute masks; unconditional chunks borrow them (see core.localize). Outside ``sigma_range``
+    (start sigma, end sigma) the call runs the base model.
+    """
+    placed: dict = {}
+    sites_cache: dict = {}
+
+    def on_device(device):
+        if device not in placed:
+            layers = {k: type(v)(v.down.to(device), v.up.to(device), v.alpha, v.conv) for k, v in rs.layers.items()}
+            placed[device] = ResidualSet(layers, rs.metadata)
+        return placed[device]
+
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        unet = executor.class_obj
+        sites = sites_cache.setdefault(id(unet), find_sites(unet))
+        cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
+        sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else None
+        active = sigma is None or sigma_range[1] <= sigma <= sigma_range[0]
+        size = x.shape[0] // len(cond_or_uncond)
+        per_chunk = []
+        for c, kind in enumerate(cond_or_uncond):
+            ok = kind == 0 and _matches(context[c * size], reference_cond)
+            per_chunk.append(token_idx if ok else None)
+        if active and 0 in cond_or_uncond and not any(per_chunk):
+            raise ConditioningMismatchError(
+                "Apply Residuals Localized: the sampler's positive conditioning is not the prompt this node "
+                "encoded, so the concept's tokens cannot be found. Connect the node's 'positive' output to the "
+                "sampler's positive input (and edit the prompt in the node).")
+        gate = ResidualGate(sites, on_device(x.device), strength, block_strengths, localized=True, rule=rule)
+        gate.plan = cfg_plan(x.shape[0], cond_or_uncond, per_chunk, active)
+        with gate:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    return wrapper
+
+
+def apply_localized(model_patcher, wrapper):
+    """A clone carrying the LAG wrapper; wrappers of other nodes (and earlier LAG nodes) stay in place."""
+    m = model_patcher.clone()
+    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    return m
