@@ -1,5 +1,6 @@
 """Fixtures for the core tests: tiny random diffusers models built in code (no downloads)."""
 import pytest
+
 from core.toy_models import concept_renders, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
 
 

@@ -3,6 +3,7 @@
 Node ids of the stock text-to-image prompt, so tests can splice nodes in (see ``insert_model_node``).
 """
 import copy
+from pathlib import Path
 
 CKPT, POSITIVE, NEGATIVE, EMPTY_LATENT, KSAMPLER, VAE_DECODE, SAVE_IMAGE, SAVE_LATENT = (
     "1", "2", "3", "4", "5", "6", "7", "8")
@@ -39,3 +40,39 @@ def insert_model_node(prompt, node_id, class_type, inputs, model_input="model", 
     p[node_id] = {"class_type": class_type, "inputs": dict(inputs, **{model_input: p[KSAMPLER]["inputs"]["model"]})}
     p[KSAMPLER]["inputs"]["model"] = [node_id, model_output]
     return p
+
+
+WORKFLOWS = Path(__file__).resolve().parent.parent.parent / "workflows"
+
+
+def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_name=None, save_name=None, **node_inputs):
+    """workflows/api/<name>.json shrunk for a CPU test: the given checkpoint, ``size`` px, few steps.
+
+    ``node_inputs`` maps a class_type to extra input values, e.g. ``ConceptsApplyResidualsLocalized={"strength": 0}``.
+    """
+    import json
+
+    p = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    for node in p.values():
+        ins, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            ins["ckpt_name"] = ckpt
+        elif kind == "EmptyLatentImage":
+            ins.update(width=size, height=size)
+        elif kind == "KSampler":
+            ins["steps"] = steps
+        elif kind == "ConceptsTrainResiduals":
+            ins.update(steps=train_steps, resolution=size, views=1, batch_size=2)
+            if save_name is not None:
+                ins["save_name"] = save_name
+        elif kind == "ConceptsLoadResiduals" and residual_name is not None:
+            ins["residual_name"] = residual_name
+        ins.update(node_inputs.get(kind, {}))
+    return p
+
+
+def node_id(prompt, class_type):
+    """The id of the only node of ``class_type`` in ``prompt``."""
+    ids = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    assert len(ids) == 1, f"{class_type}: {ids}"
+    return ids[0]

@@ -1,0 +1,195 @@
+"""Learn and localize in a real ComfyUI: every workflow runs headless; the identities users rely on hold."""
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from . import harness
+from .prompts import SAVE_LATENT, WORKFLOWS, insert_model_node, node_id, stock_t2i_prompt, workflow_prompt
+
+SD15, SDXL = harness.SD15_CKPT, harness.SDXL_CKPT
+
+
+def add_inputs(server):
+    for png in (WORKFLOWS / "images").glob("*.png"):
+        shutil.copy(png, server.base_dir / "input" / png.name)
+
+
+def train(server, ckpt, save_name, **kw):
+    add_inputs(server)
+    server.run(workflow_prompt("learn_residuals", ckpt, save_name=save_name, **kw))
+    path = server.base_dir / "models" / "loras" / f"{save_name}.safetensors"
+    assert path.is_file()
+    return f"{save_name}.safetensors", path
+
+
+@pytest.fixture(scope="module")
+def sd15_residual(comfy_server):
+    return train(comfy_server, SD15, "tests/sd15_toy")
+
+
+def latent_of(server, prompt):
+    out = server.run(prompt)
+    return server.read_latent(harness.output_refs(out, "latents")[0])
+
+
+def with_save_latent(prompt, prefix):
+    ks = node_id(prompt, "KSampler")
+    prompt["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": f"latents/{prefix}"}}
+    return prompt
+
+
+@pytest.mark.parametrize("ckpt", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_every_workflow_runs_to_an_image(comfy_server, ckpt):
+    from core.residuals import load
+
+    family = {SD15: "SD1", SDXL: "SDXL"}[ckpt]
+    name, path = train(comfy_server, ckpt, f"tests/wf_{family}")
+    meta = load(str(path)).metadata
+    assert meta["base_family"] == family and meta["token"] == "sks" and meta["class_word"] == "toy"
+    names = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+    assert {"learn_residuals", "apply_residuals", "apply_residuals_lag"} <= set(names)
+    for wf in names:
+        if wf == "learn_residuals":
+            continue
+        out = comfy_server.run(workflow_prompt(wf, ckpt, residual_name=name))
+        images = harness.output_refs(out, "images")
+        assert images and comfy_server.image_bytes(images[0])[:8] == b"\x89PNG\r\n\x1a\n", wf
+
+
+def test_stock_loraloader_gives_the_same_latent_as_apply_residuals(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    base = stock_t2i_prompt(SD15, seed=11, prefix="eq", positive="a photo of a sks toy")
+    ours = insert_model_node(base, "20", "ConceptsApplyResiduals", {
+        "residuals": ["21", 0], "strength": 0.7, "block_strengths": ""})
+    ours["21"] = {"class_type": "ConceptsLoadResiduals", "inputs": {"residual_name": name}}
+    stock = insert_model_node(base, "20", "LoraLoaderModelOnly", {"lora_name": name, "strength_model": 0.7})
+    for p, tag in ((ours, "ours"), (stock, "stock"), (base, "base")):
+        p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/eq_{tag}"
+    lat_ours, lat_stock, lat_base = (latent_of(comfy_server, p) for p in (ours, stock, base))
+    assert lat_ours.equal(lat_stock)
+    assert not lat_ours.equal(lat_base)  # the residual did something
+
+
+PROBE_PACK = textwrap.dedent('''
+    """Test-only pack: an attn2 replace on every block (another pack's patch), counting its calls."""
+    import comfy.ldm.modules.attention as attention
+
+    COUNT_FILE = __file__ + ".calls"
+
+
+    class ProbeAttn2Replace:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",)}}
+
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "patch"
+        CATEGORY = "testing"
+
+        def patch(self, model):
+            m = model.clone()
+
+            def attn2(q, k, v, extra_options):
+                with open(COUNT_FILE, "a") as f:
+                    f.write("x")
+                return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+            for block, ids in (("input", [1]), ("middle", [0]), ("output", [0, 1])):
+                for i in ids:
+                    m.set_model_attn2_replace(attn2, block, i)
+            return (m,)
+
+
+    NODE_CLASS_MAPPINGS = {"TestProbeAttn2Replace": ProbeAttn2Replace}
+''')
+
+
+def test_lag_composes_with_an_earlier_attn2_patch(tmp_path, comfy_checkpoints):
+    server = harness.ComfyServer(tmp_path / "probe", checkpoints=comfy_checkpoints.values())
+    pack = server.base_dir / "custom_nodes" / "probe_attn2"
+    pack.mkdir()
+    (pack / "__init__.py").write_text(PROBE_PACK)
+    calls = Path(str(pack / "__init__.py") + ".calls")
+    with server.start():
+        name, _ = train(server, SD15, "tests/probe_toy")
+
+        def lag_prompt(strength, tag):
+            p = with_save_latent(workflow_prompt("apply_residuals_lag", SD15, residual_name=name,
+                                                 ConceptsApplyResidualsLocalized={"strength": strength}), tag)
+            lag = node_id(p, "ConceptsApplyResidualsLocalized")
+            p["50"] = {"class_type": "TestProbeAttn2Replace", "inputs": {"model": p[lag]["inputs"]["model"]}}
+            p[lag]["inputs"]["model"] = ["50", 0]
+            return p
+
+        probe_only = lag_prompt(0.0, "probe_only")
+        calls.unlink(missing_ok=True)
+        lat_probe_only = latent_of(server, probe_only)
+        assert calls.read_text().count("x") > 0  # the earlier patch ran
+        calls.unlink()
+        lat_lag = latent_of(server, lag_prompt(1.0, "probe_lag"))
+        assert calls.read_text().count("x") > 0  # ... and still runs under LAG
+        assert not lat_lag.equal(lat_probe_only)  # while LAG's residual acts too
+    assert "LocalizationError" not in server.log_text()
+
+
+def test_lag_leaves_nothing_behind(comfy_server, sd15_residual, fresh_comfy_server):
+    name, _ = sd15_residual
+    lag = workflow_prompt("apply_residuals_lag", SD15, residual_name=name)
+    comfy_server.run(lag)
+    stock = stock_t2i_prompt(SD15, seed=4242, prefix="after_lag")
+    after = comfy_server.run(stock)
+    fresh = fresh_comfy_server.run(stock)
+    img_after = comfy_server.image_bytes(harness.output_refs(after, "images")[0])
+    img_fresh = fresh_comfy_server.image_bytes(harness.output_refs(fresh, "images")[0])
+    assert img_after == img_fresh
+
+
+def test_lag_strength_zero_is_the_base_model_exactly(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    lag = with_save_latent(workflow_prompt("apply_residuals_lag", SD15, residual_name=name,
+                                           ConceptsApplyResidualsLocalized={"strength": 0.0}), "lag_zero")
+    base = with_save_latent(workflow_prompt("apply_residuals_lag", SD15, residual_name=name), "lag_base")
+    # the base: the same encoded prompt, but the sampler gets the checkpoint's own model
+    base[node_id(base, "KSampler")]["inputs"]["model"] = [node_id(base, "CheckpointLoaderSimple"), 0]
+    full = with_save_latent(workflow_prompt("apply_residuals_lag", SD15, residual_name=name), "lag_full")
+    z, b, f = (latent_of(comfy_server, p) for p in (lag, base, full))
+    assert z.equal(b)
+    assert not f.equal(b)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_word_missing_from_the_prompt_is_explained(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    p = workflow_prompt("apply_residuals_lag", SD15, residual_name=name,
+                        ConceptsApplyResidualsLocalized={"text": "a photo of a dog on the beach"})
+    err = comfy_server.run_expect_error(p)
+    assert "'sks' is not in the prompt" in err
+
+
+def test_residual_for_another_family_names_both(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    err = comfy_server.run_expect_error(workflow_prompt("apply_residuals", SDXL, residual_name=name))
+    assert "Stable Diffusion 1.x" in err and "Stable Diffusion XL" in err
+
+
+def test_training_never_overwrites_an_existing_file(comfy_server, sd15_residual):
+    _, path = sd15_residual
+    before = path.read_bytes()
+    err = comfy_server.run_expect_error(workflow_prompt("learn_residuals", SD15, save_name="tests/sd15_toy",
+                                                        ConceptsTrainResiduals={"seed": 99}))
+    assert "already exists" in err and "overwrite" in err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mask_size,value,message", [(64, 0.0, "empty"), (32, 1.0, "one mask per image")])
+def test_bad_masks_are_explained(comfy_server, mask_size, value, message):
+    add_inputs(comfy_server)
+    p = workflow_prompt("learn_residuals", SD15, save_name="")
+    p["60"] = {"class_type": "SolidMask", "inputs": {"value": value, "width": mask_size, "height": mask_size}}
+    train_id = node_id(p, "ConceptsTrainResiduals")
+    p["61"] = {"class_type": "ImageScale", "inputs": {"image": p[train_id]["inputs"]["images"], "width": 64,
+                                                      "height": 64, "upscale_method": "bilinear", "crop": "disabled"}}
+    p[train_id]["inputs"].update(images=["61", 0], masks=["60", 0])
+    assert message in comfy_server.run_expect_error(p)
