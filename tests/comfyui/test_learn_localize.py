@@ -193,3 +193,20 @@ def test_bad_masks_are_explained(comfy_server, mask_size, value, message):
                                                       "height": 64, "upscale_method": "bilinear", "crop": "disabled"}}
     p[train_id]["inputs"].update(images=["61", 0], masks=["60", 0])
     assert message in comfy_server.run_expect_error(p)
+
+
+def test_readme_main_job_runs_against_the_server(comfy_server, tmp_path):
+    """README command 1 with --server: the same job as API prompts."""
+    import json
+    import subprocess
+    import sys
+
+    repo = WORKFLOWS.parent
+    out = tmp_path / "job"
+    subprocess.run([sys.executable, "-m", "core", "--server", comfy_server.url, "--ckpt", SD15, "--resolution", "64",
+                    "--steps", "3", "--sample-steps", "2", "--views", "1", "--out", str(out)],
+                   cwd=repo, check=True, timeout=600)
+    report = json.loads((out / "report.json").read_text())
+    for key in ("sample_global", "sample_lag"):
+        assert Path(report[key][0]).read_bytes()[:4] == b"\x89PNG"
+    assert (comfy_server.base_dir / report["residual_file"]).is_file()
