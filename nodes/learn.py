@@ -137,10 +137,11 @@ class TrainPersonalizedResiduals(io.ComfyNode):
 
         view_images, view_masks = training.make_views(images[..., :3].cpu(), None if masks is None else masks.cpu(),
                                                       resolution, views, seed)
-        latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
-        cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         with torch.inference_mode(False), torch.enable_grad():
-            latents = latents.clone()  # tensors made under inference mode cannot enter autograd
+            latents = latents.detach().clone()  # tensors made under inference mode cannot enter autograd
             lat_masks = None
             if view_masks is not None:
                 lat_masks = torch.nn.functional.interpolate(view_masks.clone()[:, None], size=latents.shape[-2:],

@@ -25,6 +25,7 @@ import time
 
 SD15_NAME = "tiny_sd15_random.safetensors"
 SDXL_NAME = "tiny_sdxl_random.safetensors"
+FULL_SD15_NAME = "full_sd15_random.safetensors"  # the real SD1.5 UNet layout (860M params), for benchmarks only
 ALL_NAMES = (SD15_NAME, SDXL_NAME)
 
 COMMON_UNET = {
@@ -42,6 +43,12 @@ SDXL_UNET = dict(
     channel_mult=[1], num_res_blocks=[6], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0] * 7,
     transformer_depth_middle=-2,
 )
+FULL_SD15_UNET = dict(
+    COMMON_UNET, adm_in_channels=None, use_linear_in_transformer=False, context_dim=768,
+    channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+)
+KINDS = {SD15_NAME: ("sd15", SD15_UNET), SDXL_NAME: ("sdxl", SDXL_UNET), FULL_SD15_NAME: ("sd15", FULL_SD15_UNET)}
 
 
 def parse_args(argv=None):
@@ -49,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI work tree (default $COMFYUI_PATH)")
     ap.add_argument("--out-dir", default=os.environ.get("COMFYUI_CONCEPTS_CACHE",
                                                         os.path.expanduser("~/.cache/comfyui-concepts")))
-    ap.add_argument("--only", action="append", choices=ALL_NAMES, help="build only this file (repeatable)")
+    ap.add_argument("--only", action="append", choices=tuple(KINDS), help="build only this file (repeatable)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the file exists")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -115,7 +122,7 @@ def init_random(root):
         assert not left, f"parameters left uninitialised: {left[:5]}"
 
 
-def build_state_dict(kind):
+def build_state_dict(kind, unet_cfg):
     import comfy.sd1_clip
     import comfy.sdxl_clip
     import comfy.supported_models
@@ -123,10 +130,10 @@ def build_state_dict(kind):
     import torch
 
     if kind == "sd15":
-        model_config = comfy.supported_models.SD15(dict(SD15_UNET))
+        model_config = comfy.supported_models.SD15(dict(unet_cfg))
         clip_model = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
     else:
-        model_config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+        model_config = comfy.supported_models.SDXL(dict(unet_cfg))
         clip_model = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
     model_config.set_inference_dtype(torch.float32, None)
     base_model = model_config.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
@@ -141,12 +148,11 @@ def build_state_dict(kind):
             for k, v in sd.items()}
 
 
-def check_detection(sd, kind):
+def check_detection(sd, kind, want_cfg):
     import comfy.model_detection
     import comfy.supported_models
 
     want_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
-    want_cfg = SD15_UNET if kind == "sd15" else SDXL_UNET
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     assert prefix == "model.diffusion_model.", prefix
     detected = comfy.model_detection.detect_unet_config(sd, prefix)
@@ -168,11 +174,11 @@ def build_one(name, out_dir, seed):
     import safetensors.torch
     import torch
 
-    kind = "sd15" if name == SD15_NAME else "sdxl"
+    kind, unet_cfg = KINDS[name]
     t0 = time.time()
     torch.manual_seed(seed)
-    sd = build_state_dict(kind)
-    detected = check_detection(sd, kind)
+    sd = build_state_dict(kind, unet_cfg)
+    detected = check_detection(sd, kind, unet_cfg)
     final = os.path.join(out_dir, name)
     tmp = f"{final}.tmp-{os.getpid()}"
     try:

@@ -1,0 +1,225 @@
+"""Benchmark for "Learn and localize", inside ComfyUI (in-process), on a full-size random SD1.5.
+
+    COMFYUI_PATH=... $COMFYUI_PYTHON bench/bench_learn_localize.py [--size 64] [--steps 6] [--train-steps 3]
+
+Prints, from one run (each phase in its own process, so each has its own peak memory):
+  (a) LAG sampling time per step / global-residual sampling time per step (target <= 1.10)
+  (b) our training time per step / ComfyUI's TrainLoraNode per step, same resolution and batch (target <= 1.0)
+  (c) peak memory of each phase (GPU: max allocated; CPU: peak RSS of the phase's process)
+With --train-150, also the absolute wall time of a full 150-step training run (the paper: ~3 min on an A100).
+The checkpoint is built once with tests/comfyui/make_checkpoints.py (random weights: speed only, not quality).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CKPT = "full_sd15_random.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ one phase
+def setup_comfy():
+    comfy_path = os.environ["COMFYUI_PATH"]
+    sys.argv = sys.argv[:1]
+    sys.path.insert(0, comfy_path)
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.argv.append("--cpu")
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses --cpu)
+
+    import nodes  # noqa: F401  (ComfyUI's nodes.py: sets up folder_paths)
+
+    spec = importlib.util.spec_from_file_location("comfyui_concepts", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_concepts"] = pack
+    spec.loader.exec_module(pack)
+
+
+def load(ckpt_path):
+    import comfy.sd
+
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True)
+    return model, clip, vae
+
+
+def random_residuals(model):
+    from comfyui_concepts.core.patching.comfy import model_family, model_sites
+    from comfyui_concepts.core.residuals import init_residuals
+
+    sites = [s for s, _ in model_sites(model)]
+    return init_residuals(sites, init_scale=0.1, metadata={"base_family": model_family(model), "token": "sks",
+                                                            "class_word": "toy"})
+
+
+def peak_memory_mb():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def phase_sample(mode, args, ckpt_path):
+    import comfy.sample
+    import torch
+    from comfyui_concepts.nodes.learn import ApplyResiduals
+    from comfyui_concepts.nodes.localize import ApplyResidualsLocalized
+
+    model, clip, _ = load(ckpt_path)
+    text = "a photo of a sks toy on the beach"
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    rs = random_residuals(model)
+    if mode == "global":
+        model = ApplyResiduals.execute(model, rs, 1.0, "").args[0]
+    elif mode == "lag":
+        out = ApplyResidualsLocalized.execute(model, clip, rs, text, 1.0, 0.0, 1.0, "median")
+        model, positive = out.args
+    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def run(steps):
+        sync()
+        t0 = time.perf_counter()
+        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent, seed=0,
+                            disable_pbar=True)
+        sync()
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up: loads weights, patches, kernels
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = sorted(run(args.steps) / args.steps for _ in range(args.repeats))
+    return {"per_step_s": times[len(times) // 2], "peak_mb": peak_memory_mb()}
+
+
+def phase_train(kind, args, ckpt_path, steps):
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode, adapter_maps
+    from comfyui_concepts.core.toy_models import concept_renders
+    from comfyui_concepts.nodes.learn import TrainPersonalizedResiduals
+
+    model, clip, vae = load(ckpt_path)
+    images = concept_renders(4, args.size, seed=0)
+    gpu = torch.cuda.is_available()
+    if kind == "lora":
+        with torch.no_grad():
+            latents = {"samples": vae.encode(images)}
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a sks toy"))
+    def run(n):
+        sync()
+        t0 = time.perf_counter()
+        if kind == "ours":
+            TrainPersonalizedResiduals.execute(model, clip, vae, images, "toy", "sks", n, 1e-3, 4, 0.05, 0,
+                                               args.size, 1, "", False)
+        else:
+            TrainLoraNode().train(model, latents, positive, 4, n, 1, 1e-3, 8, "AdamW", "MSE", 0,
+                                  "bf16" if gpu else "fp32", "bf16" if gpu else "fp32", list(adapter_maps)[0],
+                                  args.lora_checkpointing, "[None]")
+        sync()
+        return time.perf_counter() - t0
+
+    if steps:  # one whole run, as a user would start it
+        return {"total_s": run(steps), "peak_mb": peak_memory_mb()}
+    run(1)  # warm-up: loading, patching, allocator
+    short, long = run(2), run(2 + args.train_steps)
+    return {"per_step_s": (long - short) / args.train_steps, "peak_mb": peak_memory_mb()}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_phase(name, args, **extra):
+    cmd = [sys.executable, __file__, "--phase", name, "--size", str(args.size), "--steps", str(args.steps),
+           "--repeats", str(args.repeats), "--ckpt", args.ckpt, "--train-steps", str(args.train_steps)]
+    if args.lora_checkpointing:
+        cmd.append("--lora-checkpointing")
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"phase {name} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ensure_checkpoint(args) -> str:
+    path = Path(args.ckpt)
+    if path.is_file():
+        return str(path)
+    cache = Path(os.environ.get("COMFYUI_CONCEPTS_CACHE", Path.home() / ".cache" / "comfyui-concepts"))
+    path = cache / CKPT
+    if not path.is_file():
+        subprocess.run([sys.executable, str(REPO / "tests" / "comfyui" / "make_checkpoints.py"), "--out-dir",
+                        str(cache), "--only", CKPT], check=True)
+    return str(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (GPU: use 512)")
+    ap.add_argument("--steps", type=int, default=6, help="sampling steps per timed run")
+    ap.add_argument("--repeats", type=int, default=3, help="timed sampling runs (median reported)")
+    ap.add_argument("--train-steps", type=int, default=3, help="extra training steps timed beyond a 2-step run")
+    ap.add_argument("--train-150", action="store_true", help="also time one full 150-step training run")
+    ap.add_argument("--lora-checkpointing", action="store_true",
+                    help="TrainLoraNode with gradient checkpointing (its default; slower, less memory)")
+    ap.add_argument("--ckpt", default="", help=f"checkpoint path (default: {CKPT} in the test cache)")
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--train-total", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        setup_comfy()
+        if args.phase.startswith("sample_"):
+            res = phase_sample(args.phase[len("sample_"):], args, args.ckpt)
+        else:
+            res = phase_train(args.phase[len("train_"):], args, args.ckpt, args.train_total)
+        print(json.dumps(res))
+        return
+    args.ckpt = ensure_checkpoint(args)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"# bench: learn and localize | {device} | full SD1.5 random UNet | {args.size}px | "
+          f"torch {torch.__version__}", flush=True)
+    res = {m: run_phase(f"sample_{m}", args) for m in ("base", "global", "lag")}
+    for m, r in res.items():
+        print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
+    train = {}
+    for kind in ("ours", "lora"):
+        train[kind] = run_phase(f"train_{kind}", args)
+        print(f"train {kind:5s}: {train[kind]['per_step_s'] * 1000:8.1f} ms/step  "
+              f"peak {train[kind]['peak_mb']:8.0f} MB", flush=True)
+    print(f"(a) LAG / global sampling time per step: {res['lag']['per_step_s'] / res['global']['per_step_s']:.3f}"
+          f"  (target <= 1.10; LAG / base {res['lag']['per_step_s'] / res['base']['per_step_s']:.3f})")
+    print(f"(b) our training / TrainLoraNode time per step (batch 4, {args.size}px): "
+          f"{train['ours']['per_step_s'] / train['lora']['per_step_s']:.3f}  (target <= 1.0; TrainLoraNode "
+          f"gradient checkpointing {'on' if args.lora_checkpointing else 'off'})")
+    print(f"(c) peak memory MB: sampling base {res['base']['peak_mb']:.0f} / global {res['global']['peak_mb']:.0f} "
+          f"/ LAG {res['lag']['peak_mb']:.0f}; training ours {train['ours']['peak_mb']:.0f} / TrainLoraNode "
+          f"{train['lora']['peak_mb']:.0f}")
+    if args.train_150:
+        full = run_phase("train_ours", args, train_total=150)
+        print(f"150 training steps (batch 4, {args.size}px), whole node run: {full['total_s']:.1f} s "
+              f"(peak {full['peak_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
