@@ -150,13 +150,14 @@ def phase_train(kind, args, ckpt_path, steps):
 def run_phase(name, args, **extra):
     cmd = [sys.executable, __file__, "--phase", name, "--size", str(args.size), "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--ckpt", args.ckpt, "--train-steps", str(args.train_steps)]
-    if args.lora_checkpointing:
+    if extra.pop("lora_checkpointing", args.lora_checkpointing):
         cmd.append("--lora-checkpointing")
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(f"phase {name} failed:\n{out.stderr[-4000:]}")
+        print(f"phase {name} FAILED:\n{out.stderr[-3000:]}", flush=True)
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -181,6 +182,8 @@ def main():
     ap.add_argument("--train-150", action="store_true", help="also time one full 150-step training run")
     ap.add_argument("--lora-checkpointing", action="store_true",
                     help="TrainLoraNode with gradient checkpointing (its default; slower, less memory)")
+    ap.add_argument("--both-checkpointing", action="store_true",
+                    help="time TrainLoraNode both without and with gradient checkpointing")
     ap.add_argument("--ckpt", default="", help=f"checkpoint path (default: {CKPT} in the test cache)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--train-total", type=int, default=0, help=argparse.SUPPRESS)
@@ -197,28 +200,36 @@ def main():
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"# bench: learn and localize | {device} | full SD1.5 random UNet | {args.size}px | "
+    print(f"# bench: learn and localize | {device} | {Path(args.ckpt).name} | {args.size}px | "
           f"torch {torch.__version__}", flush=True)
-    res = {m: run_phase(f"sample_{m}", args) for m in ("base", "global", "lag")}
-    for m, r in res.items():
-        print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
+    res = {}
+    for m in ("base", "global", "lag"):
+        res[m] = r = run_phase(f"sample_{m}", args)
+        if r:
+            print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
     train = {}
-    for kind in ("ours", "lora"):
-        train[kind] = run_phase(f"train_{kind}", args)
-        print(f"train {kind:5s}: {train[kind]['per_step_s'] * 1000:8.1f} ms/step  "
-              f"peak {train[kind]['peak_mb']:8.0f} MB", flush=True)
-    print(f"(a) LAG / global sampling time per step: {res['lag']['per_step_s'] / res['global']['per_step_s']:.3f}"
-          f"  (target <= 1.10; LAG / base {res['lag']['per_step_s'] / res['base']['per_step_s']:.3f})")
-    print(f"(b) our training / TrainLoraNode time per step (batch 4, {args.size}px): "
-          f"{train['ours']['per_step_s'] / train['lora']['per_step_s']:.3f}  (target <= 1.0; TrainLoraNode "
-          f"gradient checkpointing {'on' if args.lora_checkpointing else 'off'})")
-    print(f"(c) peak memory MB: sampling base {res['base']['peak_mb']:.0f} / global {res['global']['peak_mb']:.0f} "
-          f"/ LAG {res['lag']['peak_mb']:.0f}; training ours {train['ours']['peak_mb']:.0f} / TrainLoraNode "
-          f"{train['lora']['peak_mb']:.0f}")
+    kinds = [("ours", "ours", args.lora_checkpointing), ("lora", "TrainLoraNode", args.lora_checkpointing)]
+    if args.both_checkpointing:
+        kinds.append(("lora", "TrainLoraNode+ckpt", True))
+    for kind, label, ckpt in kinds:
+        train[label] = r = run_phase(f"train_{kind}", args, lora_checkpointing=ckpt)
+        if r:
+            print(f"train {label:18s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
+    if res["lag"] and res["global"] and res["base"]:
+        print(f"(a) LAG / global sampling time per step: {res['lag']['per_step_s'] / res['global']['per_step_s']:.3f}"
+              f"  (target <= 1.10; LAG / base {res['lag']['per_step_s'] / res['base']['per_step_s']:.3f})")
+    for label in [k for k in train if k != "ours"]:
+        if train["ours"] and train[label]:
+            print(f"(b) our training / {label} time per step (batch 4, {args.size}px): "
+                  f"{train['ours']['per_step_s'] / train[label]['per_step_s']:.3f}  (target <= 1.0)")
+    mem = {f"sampling {k}": v["peak_mb"] for k, v in res.items() if v}
+    mem.update({f"training {k}": v["peak_mb"] for k, v in train.items() if v})
+    print("(c) peak memory MB: " + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
     if args.train_150:
         full = run_phase("train_ours", args, train_total=150)
-        print(f"150 training steps (batch 4, {args.size}px), whole node run: {full['total_s']:.1f} s "
-              f"(peak {full['peak_mb']:.0f} MB)")
+        if full:
+            print(f"150 training steps (batch 4, {args.size}px), whole node run: {full['total_s']:.1f} s "
+                  f"(peak {full['peak_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -19,18 +19,18 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, token_idx: tor
                     max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
     """Sum over heads and over ``token_idx`` of softmax(q k^T / sqrt(d)): q [B, N, h*d], k [B, L, h*d] -> [B, N].
 
-    The softmax runs over all L keys; queries are processed in chunks so no more than ``max_elements``
-    scores exist at once.
+    The softmax runs over all L keys, in fp32 (the product q k^T in the inputs' dtype, as attention itself does);
+    queries are processed in chunks so no more than ``max_elements`` scores exist at once.
     """
-    qh = _split_heads(q, heads).float()
-    kh = _split_heads(k, heads).float()
+    qh = _split_heads(q, heads)
+    kh = _split_heads(k, heads)
     b, h, n, dh = qh.shape
     scale = dh ** -0.5
     idx = token_idx.to(q.device)
     chunk = max(1, max_elements // max(1, b * h * kh.shape[2]))
     out = torch.empty(b, n, device=q.device, dtype=torch.float32)
     for start in range(0, n, chunk):
-        scores = (qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)) * scale  # [B, h, c, L]
+        scores = (qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)).float() * scale  # [B, h, c, L]
         probs = scores.softmax(dim=-1)
         out[:, start:start + chunk] = probs.index_select(-1, idx).sum(dim=(1, 3))
     return out

@@ -14,6 +14,7 @@ global residual and an all-zeros mask the base model exactly, for the guided res
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -67,6 +68,12 @@ def cfg_plan(batch: int, cond_or_uncond: list[int], token_idx: list[int] | list[
                 for i in range(size):
                     plan.borrow[c * size + i] = source_chunk * size + i
     return plan
+
+
+@lru_cache(maxsize=256)
+def _index(values: tuple[int, ...], device: str) -> torch.Tensor:
+    """A constant index tensor on ``device``, made once: a fresh host-to-device copy per block would stall the GPU."""
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 class ResidualGate:
@@ -129,10 +136,10 @@ class ResidualGate:
             maps = self._maps.get(path)
             if maps is None:
                 maps = self._maps[path] = torch.zeros(q.shape[0], q.shape[1], device=q.device)
+            dev = str(q.device)
             for idx, rows in self.plan.tokens.items():
-                r = torch.tensor(rows, device=q.device)
-                positions = torch.tensor(idx)
-                maps[r] += token_attention(q.index_select(0, r), output.index_select(0, r), heads, positions)
+                r = _index(tuple(rows), dev)
+                maps[r] += token_attention(q.index_select(0, r), output.index_select(0, r), heads, _index(idx, dev))
         return hook
 
     def _gate(self, site: TransformerSite, batch: int, positions: int, device) -> torch.Tensor:
@@ -142,8 +149,7 @@ class ResidualGate:
                 f"no cross-attention map reached block {site.path}: another node replaced this block's "
                 "cross-attention without calling to_q/to_k; apply the localized residual after that node")
         gate = torch.zeros(batch, positions, device=device)
-        rows = [r for rs in self.plan.tokens.values() for r in rs]
-        own = torch.tensor(rows, device=device)
+        own = _index(tuple(r for rs in self.plan.tokens.values() for r in rs), str(device))
         gate[own] = (self.mask_fn or (lambda m: binarize(m, self.rule)))(maps[own])
         for row, src in self.plan.borrow.items():
             gate[row] = gate[src]

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -108,9 +109,8 @@ def residual_forward(layer: LowRank, x: torch.Tensor) -> torch.Tensor:
     down = layer.down.to(x.dtype)
     up = layer.up.to(x.dtype) * layer.scale
     if layer.conv:
-        h = torch.einsum("rc,bchw->brhw", down, x)
-        return torch.einsum("or,brhw->bohw", up, h)
-    return (x @ down.t()) @ up.t()
+        return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
+    return F.linear(F.linear(x, down), up)
 
 
 def merged_weight(weight: torch.Tensor, layer: LowRank, strength: float = 1.0) -> torch.Tensor:

@@ -119,6 +119,8 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
     """
     placed: dict = {}
     sites_cache: dict = {}
+    matched: dict = {}  # cond uuid -> whether its context is the reference prompt (checked once per run)
+    full_range = sigma_range[0] == float("inf") and sigma_range[1] <= 0.0
 
     def on_device(device):
         if device not in placed:
@@ -126,17 +128,27 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
             placed[device] = ResidualSet(layers, rs.metadata)
         return placed[device]
 
+    def is_reference(context, row, uuid):
+        if uuid is None:
+            return _matches(context[row], reference_cond)
+        if uuid not in matched:
+            if len(matched) > 4096:  # a long-lived server: forget old runs
+                matched.clear()
+            matched[uuid] = _matches(context[row], reference_cond)
+        return matched[uuid]
+
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         unet = executor.class_obj
         sites = sites_cache.setdefault(id(unet), find_sites(unet))
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
-        sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else None
-        active = sigma is None or sigma_range[1] <= sigma <= sigma_range[0]
+        uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
+        active = True
+        if not full_range and "sigmas" in transformer_options:  # reading sigma waits for the GPU: only if needed
+            sigma = float(transformer_options["sigmas"].max())
+            active = sigma_range[1] <= sigma <= sigma_range[0]
         size = x.shape[0] // len(cond_or_uncond)
-        per_chunk = []
-        for c, kind in enumerate(cond_or_uncond):
-            ok = kind == 0 and _matches(context[c * size], reference_cond)
-            per_chunk.append(token_idx if ok else None)
+        per_chunk = [token_idx if kind == 0 and is_reference(context, c * size, uuids[c]) else None
+                     for c, kind in enumerate(cond_or_uncond)]
         if active and 0 in cond_or_uncond and not any(per_chunk):
             raise ConditioningMismatchError(
                 "Apply Residuals Localized: the sampler's positive conditioning is not the prompt this node "
