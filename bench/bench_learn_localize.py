@@ -5,7 +5,8 @@
 Prints, from one run (each phase in its own process, so each has its own peak memory):
   (a) LAG sampling time per step / global-residual sampling time per step (target <= 1.10)
   (b) our training time per step / ComfyUI's TrainLoraNode per step, same resolution and batch (target <= 1.0)
-  (c) peak memory of each phase (GPU: max allocated; CPU: peak RSS of the phase's process)
+  (c) peak memory (GPU: max allocated per run; CPU: peak RSS of the phase's process, so the three sampling modes
+      share one number there)
 With --train-150, also the absolute wall time of a full 150-step training run (the paper: ~3 min on an A100).
 The checkpoint is built once with tests/comfyui/make_checkpoints.py (random weights: speed only, not quality).
 """
@@ -79,38 +80,51 @@ def sync():
         torch.cuda.synchronize()
 
 
-def phase_sample(mode, args, ckpt_path):
+def phase_sample(args, ckpt_path):
+    """Base, global and LAG sampling, interleaved round-robin in one process so drift hits all three alike.
+
+    Per-step time comes from the sampler's step callback (synchronised), so model loading and weight patching
+    when switching models is not counted.
+    """
     import comfy.sample
     import torch
     from comfyui_concepts.nodes.learn import ApplyResiduals
     from comfyui_concepts.nodes.localize import ApplyResidualsLocalized
 
-    model, clip, _ = load(ckpt_path)
+    base, clip, _ = load(ckpt_path)
     text = "a photo of a sks toy on the beach"
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    rs = random_residuals(model)
-    if mode == "global":
-        model = ApplyResiduals.execute(model, rs, 1.0, "").args[0]
-    elif mode == "lag":
-        out = ApplyResidualsLocalized.execute(model, clip, rs, text, 1.0, 0.0, 1.0, "median")
-        model, positive = out.args
+    rs = random_residuals(base)
+    lag_model, lag_positive = ApplyResidualsLocalized.execute(base, clip, rs, text, 1.0, 0.0, 1.0, "median").args
+    setups = {"base": (base, positive), "global": (ApplyResiduals.execute(base, rs, 1.0, "").args[0], positive),
+              "lag": (lag_model, lag_positive)}
     latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
+    times = {m: [] for m in setups}
+    peaks = {}
 
-    def run(steps):
-        sync()
-        t0 = time.perf_counter()
-        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent, seed=0,
-                            disable_pbar=True)
-        sync()
-        return time.perf_counter() - t0
+    def run(mode, steps):
+        stamps = []
 
-    run(2)  # warm-up: loads weights, patches, kernels
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    times = sorted(run(args.steps) / args.steps for _ in range(args.repeats))
-    return {"per_step_s": times[len(times) // 2], "peak_mb": peak_memory_mb()}
+        def callback(step, x0, x, total):
+            sync()
+            stamps.append(time.perf_counter())
+
+        model, pos = setups[mode]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", pos, negative, latent, seed=0,
+                            disable_pbar=True, callback=callback)
+        peaks[mode] = max(peaks.get(mode, 0.0), peak_memory_mb())
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    for mode in setups:
+        run(mode, 3)  # warm-up: weights, patches, kernels
+    for _ in range(args.repeats):
+        for mode in setups:
+            times[mode].append(run(mode, args.steps))
+    return {m: {"per_step_s": sorted(t)[len(t) // 2], "peak_mb": peaks[m]} for m, t in times.items()}
 
 
 def phase_train(kind, args, ckpt_path, steps):
@@ -190,8 +204,8 @@ def main():
     args = ap.parse_args()
     if args.phase:
         setup_comfy()
-        if args.phase.startswith("sample_"):
-            res = phase_sample(args.phase[len("sample_"):], args, args.ckpt)
+        if args.phase == "sample":
+            res = phase_sample(args, args.ckpt)
         else:
             res = phase_train(args.phase[len("train_"):], args, args.ckpt, args.train_total)
         print(json.dumps(res))
@@ -202,9 +216,8 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"# bench: learn and localize | {device} | {Path(args.ckpt).name} | {args.size}px | "
           f"torch {torch.__version__}", flush=True)
-    res = {}
-    for m in ("base", "global", "lag"):
-        res[m] = r = run_phase(f"sample_{m}", args)
+    res = run_phase("sample", args) or {"base": None, "global": None, "lag": None}
+    for m, r in res.items():
         if r:
             print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
     train = {}

@@ -6,6 +6,7 @@ No attention backend exposes its softmax, so the maps are recomputed from the pr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_MAX_ELEMENTS = 1 << 24  # per chunk of scores: 16M floats = 64 MiB in fp32
 
@@ -15,24 +16,35 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(b, n, heads, d // heads).transpose(1, 2)  # [B, h, n, dh]
 
 
+def token_indicator(token_idx: torch.Tensor, heads: int, length: int, head_dim: int, like: torch.Tensor):
+    """Values [1, h, L, d] whose column 0 is 1 at the given tokens: attention over them sums those tokens' weights."""
+    values = torch.zeros(1, heads, length, head_dim, device=like.device, dtype=like.dtype)
+    values[:, :, token_idx.to(like.device), 0] = 1.0
+    return values
+
+
 def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, token_idx: torch.Tensor,
-                    max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+                    max_elements: int = DEFAULT_MAX_ELEMENTS, indicator: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over heads and over ``token_idx`` of softmax(q k^T / sqrt(d)): q [B, N, h*d], k [B, L, h*d] -> [B, N].
 
-    The softmax runs over all L keys, in fp32 (the product q k^T in the inputs' dtype, as attention itself does);
-    queries are processed in chunks so no more than ``max_elements`` scores exist at once.
+    Computed as fused attention whose values are the tokens' indicator (softmax(q k^T) @ 1_idx is exactly the
+    probability mass on those tokens), so no [N, L] score matrix is kept and the fast attention kernels apply;
+    queries go in chunks of at most ``max_elements`` scores for backends that do materialise them.
+    ``indicator`` is ``token_indicator(...)`` made beforehand (callers that repeat the call cache it).
     """
     qh = _split_heads(q, heads)
     kh = _split_heads(k, heads)
     b, h, n, dh = qh.shape
-    scale = dh ** -0.5
-    idx = token_idx.to(q.device)
+    if indicator is None:
+        indicator = token_indicator(token_idx, h, kh.shape[2], dh, q)
+    values = indicator.expand(b, -1, -1, -1)
     chunk = max(1, max_elements // max(1, b * h * kh.shape[2]))
+    if chunk >= n:
+        return F.scaled_dot_product_attention(qh, kh, values)[..., 0].float().sum(dim=1)
     out = torch.empty(b, n, device=q.device, dtype=torch.float32)
     for start in range(0, n, chunk):
-        scores = (qh[:, :, start:start + chunk] @ kh.transpose(-1, -2)).float() * scale  # [B, h, c, L]
-        probs = scores.softmax(dim=-1)
-        out[:, start:start + chunk] = probs.index_select(-1, idx).sum(dim=(1, 3))
+        part = F.scaled_dot_product_attention(qh[:, :, start:start + chunk], kh, values)
+        out[:, start:start + chunk] = part[..., 0].float().sum(dim=1)
     return out
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attention import token_attention
+from .attention import token_attention, token_indicator
 from .layouts import TransformerSite
 from .masks import binarize
 from .residuals import ResidualSet, residual_forward
@@ -76,12 +77,19 @@ def _index(values: tuple[int, ...], device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
+def _take_rows(t: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
+    """``t[rows]``: a view when the rows are consecutive (the usual CFG chunk), else a gather."""
+    if rows == tuple(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]:rows[0] + len(rows)]
+    return t.index_select(0, _index(rows, str(t.device)))
+
+
 class ResidualGate:
     """Installs the hooks that apply ``residuals`` to ``sites``; ``localized`` selects LAG over global."""
 
     def __init__(self, sites: list[tuple[TransformerSite, nn.Module]], residuals: ResidualSet,
                  strength: float = 1.0, block_strengths: dict[str, float] | None = None,
-                 localized: bool = False, rule: str = "median", mask_fn=None):
+                 localized: bool = False, rule: str = "median", mask_fn=None, merged_cache: dict | None = None):
         self.sites = [(s, m) for s, m in sites if s.target in residuals.layers]
         self.residuals = residuals
         self.strength = strength
@@ -90,9 +98,11 @@ class ResidualGate:
         self.rule = rule
         self.mask_fn = mask_fn  # maps [B, N] -> gate [B, N]; overrides ``rule`` (tests, custom rules)
         self.plan = CallPlan()
+        # Delta W per layer, dtype and device, for sampling (one 1x1 conv instead of two); share it across calls
+        self.merged_cache = merged_cache if merged_cache is not None else {}
         self.last_masks: dict[str, torch.Tensor] = {}  # gates of the last call, for inspection
         self._q: dict[str, torch.Tensor] = {}
-        self._maps: dict[str, torch.Tensor] = {}
+        self._maps: dict[tuple, torch.Tensor] = {}  # (block path, token positions) -> summed maps
         self._handles: list = []
 
     # -------------------------------------------------------------- lifecycle
@@ -133,27 +143,52 @@ class ResidualGate:
             q = self._q.pop(path, None)
             if q is None:
                 return
-            maps = self._maps.get(path)
-            if maps is None:
-                maps = self._maps[path] = torch.zeros(q.shape[0], q.shape[1], device=q.device)
-            dev = str(q.device)
             for idx, rows in self.plan.tokens.items():
-                r = _index(tuple(rows), dev)
-                maps[r] += token_attention(q.index_select(0, r), output.index_select(0, r), heads, _index(idx, dev))
+                key = ("indicator", idx, heads, output.shape[1], output.shape[2], output.dtype, output.device)
+                ind = self.merged_cache.get(key)
+                if ind is None:
+                    ind = self.merged_cache[key] = token_indicator(
+                        _index(idx, str(q.device)), heads, output.shape[1], output.shape[2] // heads, output)
+                m = token_attention(_take_rows(q, tuple(rows)), _take_rows(output, tuple(rows)), heads,
+                                    _index(idx, str(q.device)), indicator=ind)
+                key = (path, idx)
+                prev = self._maps.get(key)
+                self._maps[key] = m if prev is None else prev + m  # depth > 1 (SDXL): sum the block's maps
         return hook
 
-    def _gate(self, site: TransformerSite, batch: int, positions: int, device) -> torch.Tensor:
-        maps = self._maps.pop(site.path, None)
-        if maps is None:
-            raise LocalizationError(
-                f"no cross-attention map reached block {site.path}: another node replaced this block's "
-                "cross-attention without calling to_q/to_k; apply the localized residual after that node")
-        gate = torch.zeros(batch, positions, device=device)
-        own = _index(tuple(r for rs in self.plan.tokens.values() for r in rs), str(device))
-        gate[own] = (self.mask_fn or (lambda m: binarize(m, self.rule)))(maps[own])
-        for row, src in self.plan.borrow.items():
-            gate[row] = gate[src]
-        return gate
+    def _gate(self, site: TransformerSite, batch: int, positions: int, dtype) -> torch.Tensor:
+        """[batch, positions] gate: each row's own mask, the mask it borrows, or zeros."""
+        masks, own_rows = [], []
+        for idx, rows in self.plan.tokens.items():
+            maps = self._maps.pop((site.path, idx), None)
+            if maps is None:
+                raise LocalizationError(
+                    f"no cross-attention map reached block {site.path}: another node replaced this block's "
+                    "cross-attention without calling to_q/to_k; apply the localized residual after that node")
+            masks.append(self.mask_fn(maps).to(dtype) if self.mask_fn else binarize(maps, self.rule, dtype))
+            own_rows.extend(rows)
+        mask = masks[0] if len(masks) == 1 else torch.cat(masks)
+        where = {r: i for i, r in enumerate(own_rows)}
+        row_map = tuple(where.get(r, where.get(self.plan.borrow.get(r, -1), -1)) for r in range(batch))
+        if len(own_rows) == 1 and all(i == 0 for i in row_map):
+            return mask.expand(batch, positions)  # one concept row, the rest borrow it: a view
+        if -1 in row_map:  # rows with no concept get the zero row
+            mask = torch.cat([mask, mask.new_zeros(1, positions)])
+            row_map = tuple(len(own_rows) if i == -1 else i for i in row_map)
+        return mask.index_select(0, _index(row_map, str(mask.device)))
+
+    def _delta(self, site: TransformerSite, layer, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and layer.up.requires_grad:
+            return residual_forward(layer, x)  # training: keep the low-rank factors in the graph
+        key = (site.target, x.dtype, x.device)
+        w = self.merged_cache.get(key)
+        if w is None:
+            w = self.merged_cache[key] = layer.delta().to(device=x.device, dtype=x.dtype)
+        return F.conv2d(x, w[:, :, None, None]) if layer.conv else F.linear(x, w)
+
+    def _drop_maps(self, path):
+        for idx in self.plan.tokens:
+            self._maps.pop((path, idx), None)
 
     def _out_hook(self, site: TransformerSite):
         layer = self.residuals.layers[site.target]
@@ -161,18 +196,17 @@ class ResidualGate:
 
         def hook(module, inputs, output):
             if not self.plan.active or weight == 0.0:
-                self._maps.pop(site.path, None)
+                self._drop_maps(site.path)
                 return None
-            delta = residual_forward(layer, inputs[0])
+            if self.localized and not self.plan.tokens:
+                return None  # no concept prompt in this call: the base model
+            delta = self._delta(site, layer, inputs[0])
             if not self.localized:
                 return output + weight * delta
-            if not self.plan.tokens:
-                self._maps.pop(site.path, None)
-                return None  # no concept prompt in this call: the base model
             b = output.shape[0]
-            n = output.shape[2] * output.shape[3] if site.linear is False else output.shape[1]
-            gate = self._gate(site, b, n, output.device).to(output.dtype)
-            self.last_masks[site.path] = gate.detach()
-            gate = gate.view(b, 1, *output.shape[2:]) if not site.linear else gate.view(b, n, 1)
-            return output + weight * gate * delta
+            n = output.shape[1] if site.linear else output.shape[2] * output.shape[3]
+            gate = self._gate(site, b, n, output.dtype)
+            self.last_masks[site.path] = gate
+            gate = gate.view(b, n, 1) if site.linear else gate.view(b, 1, *output.shape[2:])
+            return torch.addcmul(output, gate, delta, value=weight)
         return hook

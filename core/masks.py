@@ -7,17 +7,18 @@ import torch.nn.functional as F
 RULES = ("median", "mean", "soft")
 
 
-def binarize(maps: torch.Tensor, rule: str = "median") -> torch.Tensor:
+def binarize(maps: torch.Tensor, rule: str = "median", dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-row mask from maps [B, N]: ``median`` (Ham et al. 2024: 1 above the spatial median, so half the
-    positions), ``mean`` (1 above the mean), or ``soft`` (min-max normalised map in [0, 1])."""
+    positions), ``mean`` (1 above the mean), or ``soft`` (min-max normalised map in [0, 1]); in ``dtype``."""
+    dtype = dtype or maps.dtype
     if rule == "median":
-        return (maps > maps.median(dim=1, keepdim=True).values).to(maps.dtype)
+        return (maps > maps.median(dim=1, keepdim=True).values).to(dtype)
     if rule == "mean":
-        return (maps > maps.mean(dim=1, keepdim=True)).to(maps.dtype)
+        return (maps > maps.mean(dim=1, keepdim=True)).to(dtype)
     if rule == "soft":
         lo = maps.amin(dim=1, keepdim=True)
         hi = maps.amax(dim=1, keepdim=True)
-        return (maps - lo) / (hi - lo).clamp_min(1e-12)
+        return ((maps - lo) / (hi - lo).clamp_min(1e-12)).to(dtype)
     raise ValueError(f"unknown mask rule {rule!r}; choose one of {', '.join(RULES)}")
 
 

@@ -15,8 +15,8 @@ def test_token_maps_equal_the_softmax_columns_summed_over_heads_and_tokens():
     idx = torch.tensor([2, 5])
     expect = reference(q, k, 4)[..., idx].sum(dim=(1, 3))
     # a chunk of 3 query rows at a time must give the same numbers as one big chunk
-    assert torch.allclose(token_attention(q, k, 4, idx, max_elements=2 * 4 * 7 * 3), expect, atol=1e-6)
-    assert torch.allclose(token_attention(q, k, 4, idx), expect, atol=1e-6)
+    assert torch.allclose(token_attention(q, k, 4, idx, max_elements=2 * 4 * 7 * 3), expect, atol=1e-5)
+    assert torch.allclose(token_attention(q, k, 4, idx), expect, atol=1e-5)
 
 
 def test_maps_of_all_tokens_sum_to_one_per_position():

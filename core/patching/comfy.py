@@ -118,6 +118,7 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
     (start sigma, end sigma) the call runs the base model.
     """
     placed: dict = {}
+    merged: dict = {}  # Delta W per layer/dtype/device, made on first use
     sites_cache: dict = {}
     matched: dict = {}  # cond uuid -> whether its context is the reference prompt (checked once per run)
     full_range = sigma_range[0] == float("inf") and sigma_range[1] <= 0.0
@@ -139,7 +140,9 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
 
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         unet = executor.class_obj
-        sites = sites_cache.setdefault(id(unet), find_sites(unet))
+        sites = sites_cache.get(id(unet))
+        if sites is None:
+            sites = sites_cache[id(unet)] = find_sites(unet)
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
         uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
         active = True
@@ -154,7 +157,8 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
                 "Apply Residuals Localized: the sampler's positive conditioning is not the prompt this node "
                 "encoded, so the concept's tokens cannot be found. Connect the node's 'positive' output to the "
                 "sampler's positive input (and edit the prompt in the node).")
-        gate = ResidualGate(sites, on_device(x.device), strength, block_strengths, localized=True, rule=rule)
+        gate = ResidualGate(sites, on_device(x.device), strength, block_strengths, localized=True, rule=rule,
+                            merged_cache=merged)
         gate.plan = cfg_plan(x.shape[0], cond_or_uncond, per_chunk, active)
         with gate:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
