@@ -198,6 +198,7 @@ def main():
                     help="TrainLoraNode with gradient checkpointing (its default; slower, less memory)")
     ap.add_argument("--both-checkpointing", action="store_true",
                     help="time TrainLoraNode both without and with gradient checkpointing")
+    ap.add_argument("--only-sampling", action="store_true", help="measure (a) only")
     ap.add_argument("--ckpt", default="", help=f"checkpoint path (default: {CKPT} in the test cache)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--train-total", type=int, default=0, help=argparse.SUPPRESS)
@@ -220,6 +221,12 @@ def main():
     for m, r in res.items():
         if r:
             print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
+    if args.only_sampling:
+        if all(res.values()):
+            print(f"(a) LAG / global sampling time per step: "
+                  f"{res['lag']['per_step_s'] / res['global']['per_step_s']:.3f}  (LAG / base "
+                  f"{res['lag']['per_step_s'] / res['base']['per_step_s']:.3f})")
+        return
     train = {}
     kinds = [("ours", "ours", args.lora_checkpointing), ("lora", "TrainLoraNode", args.lora_checkpointing)]
     if args.both_checkpointing:

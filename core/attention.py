@@ -40,11 +40,11 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, token_idx: tor
     values = indicator.expand(b, -1, -1, -1)
     chunk = max(1, max_elements // max(1, b * h * kh.shape[2]))
     if chunk >= n:
-        return F.scaled_dot_product_attention(qh, kh, values)[..., 0].float().sum(dim=1)
+        return F.scaled_dot_product_attention(qh, kh, values)[..., 0].sum(dim=1, dtype=torch.float32)
     out = torch.empty(b, n, device=q.device, dtype=torch.float32)
     for start in range(0, n, chunk):
         part = F.scaled_dot_product_attention(qh[:, :, start:start + chunk], kh, values)
-        out[:, start:start + chunk] = part[..., 0].float().sum(dim=1)
+        out[:, start:start + chunk] = part[..., 0].sum(dim=1, dtype=torch.float32)
     return out
 
 

@@ -183,8 +183,9 @@ class ResidualGate:
         key = (site.target, x.dtype, x.device)
         w = self.merged_cache.get(key)
         if w is None:
-            w = self.merged_cache[key] = layer.delta().to(device=x.device, dtype=x.dtype)
-        return F.conv2d(x, w[:, :, None, None]) if layer.conv else F.linear(x, w)
+            w = layer.delta().to(device=x.device, dtype=x.dtype)
+            w = self.merged_cache[key] = w[:, :, None, None].contiguous() if layer.conv else w
+        return F.conv2d(x, w) if layer.conv else F.linear(x, w)
 
     def _drop_maps(self, path):
         for idx in self.plan.tokens:
