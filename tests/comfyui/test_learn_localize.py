@@ -210,3 +210,54 @@ def test_readme_main_job_runs_against_the_server(comfy_server, tmp_path):
     for key in ("sample_global", "sample_lag"):
         assert Path(report[key][0]).read_bytes()[:4] == b"\x89PNG"
     assert (comfy_server.base_dir / report["residual_file"]).is_file()
+
+
+def custom_sampler_prompt(residual_name, strength, prefix, model_from_lag=True):
+    """LAG through SamplerCustomAdvanced + CFGGuider instead of the stock KSampler."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "2": {"class_type": "ConceptsLoadResiduals", "inputs": {"residual_name": residual_name}},
+        "3": {"class_type": "ConceptsApplyResidualsLocalized", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "residuals": ["2", 0], "text": "a photo of a sks toy on the beach",
+            "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "mask_rule": "median"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "5": {"class_type": "CFGGuider", "inputs": {"model": ["3", 0] if model_from_lag else ["1", 0],
+                                                    "positive": ["3", 1], "negative": ["4", 0], "cfg": 7.0}},
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 2,
+                                                         "denoise": 1.0}},
+        "8": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["8", 0], "guider": ["5", 0],
+                                                                 "sampler": ["6", 0], "sigmas": ["7", 0],
+                                                                 "latent_image": ["9", 0]}},
+        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+
+
+def test_lag_works_with_sampler_custom_advanced(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    base = latent_of(comfy_server, custom_sampler_prompt(name, 1.0, "custom_base", model_from_lag=False))
+    zero = latent_of(comfy_server, custom_sampler_prompt(name, 0.0, "custom_zero"))
+    lag = latent_of(comfy_server, custom_sampler_prompt(name, 1.0, "custom_lag"))
+    assert zero.equal(base)
+    assert not lag.equal(base) and lag.isfinite().all()
+
+
+def test_an_empty_step_range_is_the_base_model(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    off = with_save_latent(workflow_prompt("apply_residuals_lag", SD15, residual_name=name,
+                                           ConceptsApplyResidualsLocalized={"start_percent": 1.0,
+                                                                            "end_percent": 1.0}), "range_off")
+    base = with_save_latent(workflow_prompt("apply_residuals_lag", SD15, residual_name=name), "range_base")
+    base[node_id(base, "KSampler")]["inputs"]["model"] = [node_id(base, "CheckpointLoaderSimple"), 0]
+    assert latent_of(comfy_server, off).equal(latent_of(comfy_server, base))
+
+
+def test_a_positive_prompt_from_elsewhere_is_explained(comfy_server, sd15_residual):
+    name, _ = sd15_residual
+    p = workflow_prompt("apply_residuals_lag", SD15, residual_name=name)
+    p["70"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}}
+    p[node_id(p, "KSampler")]["inputs"]["positive"] = ["70", 0]
+    err = comfy_server.run_expect_error(p)
+    assert "Connect the node's 'positive' output" in err
