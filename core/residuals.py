@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from .layouts import TransformerSite, family_label
 
 KEY_PREFIX = "diffusion_model."
+_BLOCK_ALIASES = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
 FORMAT_VERSION = "1"
 DEFAULT_RANK_RATIO = 0.05  # the paper: r_i = 0.05 * m_i
 
@@ -78,10 +79,27 @@ def rank_for(width: int, ratio: float = DEFAULT_RANK_RATIO, fixed_rank: int = 0)
     return max(1, min(width, round(ratio * width)))
 
 
+def select_sites(sites: list[TransformerSite], blocks: str = "") -> list[TransformerSite]:
+    """The sites whose path starts with one of the comma-separated block names (``input``, ``middle``, ``output``
+    or ldm paths such as ``output_blocks.9``); all sites when ``blocks`` is empty."""
+    names = [n.strip() for n in blocks.replace(";", ",").split(",") if n.strip()]
+    if not names:
+        return list(sites)
+    prefixes = []
+    for name in names:
+        head, dot, rest = name.partition(".")
+        prefixes.append(_BLOCK_ALIASES.get(head, head) + dot + rest)
+    chosen = [s for s in sites if any(s.path == p or s.path.startswith(p + ".") for p in prefixes)]
+    if not chosen:
+        raise ValueError(f"target blocks '{blocks}' match no transformer block; blocks are: "
+                         + ", ".join(s.path for s in sites))
+    return chosen
+
+
 def init_residuals(sites: list[TransformerSite], ratio: float = DEFAULT_RANK_RATIO, fixed_rank: int = 0,
                    seed: int = 0, init_scale: float = 1e-2, dtype=torch.float32, device="cpu",
                    metadata: dict | None = None) -> ResidualSet:
-    """Random residuals for every site; both factors random as in the paper.
+    """Random residuals for every site (narrow them with ``select_sites``); both factors random as in the paper.
 
     down ~ N(0, 1/width) keeps down(x) at the input's scale; up ~ N(0, init_scale^2 / rank) makes the
     initial Delta W x about ``init_scale`` of x, so training starts near the base model.
@@ -201,8 +219,6 @@ def check_compatible(rs: ResidualSet, family: str, sites: list[TransformerSite])
                 f"'{path}' is {kinds[linear[path]]} in this model but {kinds[not layer.conv]} in the file: "
                 "the file was made for a model with another layout")
 
-
-_BLOCK_ALIASES = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
 
 
 def parse_block_strengths(text: str, paths) -> dict[str, float]:

@@ -105,6 +105,9 @@ class TrainPersonalizedResiduals(io.ComfyNode):
                                          "stops the run before training."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Optional: one mask per image; the loss only counts pixels inside it."),
+                io.String.Input("target_blocks", default="", optional=True,
+                                tooltip="Optional: train residuals only in these blocks, e.g. 'input, middle' or "
+                                        "'output_blocks.9'. Empty: every transformer block (the paper)."),
             ],
             outputs=[
                 Residuals.Output(display_name="residuals", tooltip="The learned residual set."),
@@ -114,7 +117,7 @@ class TrainPersonalizedResiduals(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, class_word, token, steps, learning_rate, batch_size, rank_ratio,
-                seed, resolution, views, save_name, overwrite, masks=None):
+                seed, resolution, views, save_name, overwrite, masks=None, target_blocks=""):
         class_word, token = class_word.strip(), token.strip()
         if not class_word or not token:
             raise ValueError("give both a class word (e.g. 'dog') and a token (e.g. 'sks')")
@@ -151,7 +154,8 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             if device.type == "cuda":
                 mp.set_model_compute_dtype(torch.bfloat16)
             sites = model_sites(mp)
-            rs = R.init_residuals([s for s, _ in sites], rank_ratio, seed=seed, device=device, metadata=meta)
+            targets = R.select_sites([s for s, _ in sites], target_blocks or "")
+            rs = R.init_residuals(targets, rank_ratio, seed=seed, device=device, metadata=meta)
             trainer = _ResidualTrainer(rs.parameters(), config, progress, lat_masks)
             guider = Guider_Basic(mp)
             guider.set_conds(cond)

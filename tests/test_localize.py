@@ -133,3 +133,17 @@ def test_cfg_plan_uncond_rows_borrow_the_same_latent():
     assert plan.tokens == {(5, 6): [0, 1]} and plan.borrow == {2: 0, 3: 1}
     plan = cfg_plan(2, [1], [5])
     assert plan.tokens == {} and plan.borrow == {}  # an uncond-only call has no concept: no residual
+
+
+def test_lag_on_a_non_square_latent_keeps_half_of_each_block(unet, tokenizer, text_encoder):
+    ctx = encode_text(tokenizer, text_encoder, ["", PROMPT])
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(2))
+    idx = concept_positions(tokenizer, PROMPT, ["sks", "dog"])
+    with ResidualGate(unet_sites(unet), residuals_for(unet), localized=True) as gate:
+        gate.plan = cfg_plan(2, [1, 0], idx)
+        with torch.no_grad():
+            out = unet(x, torch.tensor([10, 10]), encoder_hidden_states=ctx).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    sizes = sorted({m.shape[1] for m in gate.last_masks.values()})
+    assert sizes == [4 * 6, 8 * 12]  # each block at its own resolution
+    assert all(m[1].sum().item() == m.shape[1] // 2 for m in gate.last_masks.values())

@@ -95,3 +95,14 @@ def test_block_strengths_longest_prefix_wins_and_unknown_names_fail():
         R.parse_block_strengths("output=1", paths)
     with pytest.raises(ValueError, match="name=value"):
         R.parse_block_strengths("middle", paths)
+
+
+def test_target_blocks_select_a_subset():
+    from core.toy_models import sd15_unet_on_meta
+
+    sites = [s for s, _ in unet_sites(sd15_unet_on_meta())]
+    assert [s.path for s in R.select_sites(sites, "middle")] == ["middle_block.1"]
+    assert len(R.select_sites(sites, "input, output_blocks.11")) == 7
+    assert R.select_sites(sites, "") == sites
+    with pytest.raises(ValueError, match="match no transformer block"):
+        R.select_sites(sites, "output_blocks.0")

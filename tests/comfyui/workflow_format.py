@@ -73,10 +73,14 @@ def api_to_ui(prompt, object_info):
         outs = [{"name": oname, "type": otype, "links": outputs[nid].get(slot, []), "slot_index": slot}
                 for slot, (oname, otype) in enumerate(zip(info["output_name"], info["output"], strict=True))]
         col = node_depth(nid)
-        row = rows.get(col, 0)
-        rows[col] = row + 1
-        entry = {"id": int(nid), "type": node["class_type"], "pos": [40 + 380 * col, 40 + 300 * row],
-                 "size": [340, 120 + 26 * (len(inputs) + len(widgets))], "flags": {}, "order": order, "mode": 0,
+        multiline = sum(1 for name, spec in _inputs(info)
+                        if _is_widget(spec) and not isinstance(node["inputs"].get(name), list)
+                        and len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
+        height = 40 + 22 * max(len(inputs), len(outs)) + 24 * len(widgets) + 110 * multiline
+        y = rows.get(col, 40)
+        rows[col] = y + height + 60  # next node in this column starts below this one
+        entry = {"id": int(nid), "type": node["class_type"], "pos": [40 + 400 * col, y],
+                 "size": [360, height], "flags": {}, "order": order, "mode": 0,
                  "inputs": inputs, "outputs": outs, "properties": {"Node name for S&R": node["class_type"]},
                  "widgets_values": widgets}
         title = node.get("_meta", {}).get("title")
