@@ -28,6 +28,49 @@ class TrainConfig:
     objective: str = "eps"  # the paper's plain noise-prediction loss
 
 
+def training_prompt(token: str, class_word: str) -> str:
+    """The paper's prompt for every reference image: "a photo of a V* <class>"."""
+    return f"a photo of a {token} {class_word}"
+
+
+def residual_metadata(family: str, class_word: str, token: str, config: TrainConfig, resolution: int) -> dict:
+    """What a residual file records about how it was made (strings, as safetensors metadata must be)."""
+    meta = {"technique": "personalized_residuals", "base_family": family, "class_word": class_word, "token": token,
+            "steps": config.steps, "seed": config.seed, "learning_rate": config.learning_rate,
+            "batch_size": config.batch_size, "resolution": resolution,
+            "prompt": training_prompt(token, class_word)}
+    return {k: str(v) for k, v in meta.items()}
+
+
+def check_images(images: torch.Tensor | None, masks: torch.Tensor | None) -> torch.Tensor | None:
+    """Validate an image batch [N, H, W, C] and optional masks; returns masks as [N, H, W] (one mask is shared)."""
+    if images is None or images.shape[0] == 0:
+        raise ValueError("the image batch is empty: give at least one image of the concept")
+    if masks is None:
+        return None
+    if masks.dim() == 2:
+        masks = masks[None]
+    if masks.shape[0] == 1 and images.shape[0] > 1:
+        masks = masks.expand(images.shape[0], -1, -1)
+    if tuple(masks.shape) != tuple(images.shape[:3]):
+        raise ValueError(
+            f"the mask batch is {tuple(masks.shape)} (count, height, width) but the images are "
+            f"{tuple(images.shape[:3])}: give one mask per image, each the size of its image")
+    if (masks.flatten(1).amax(1) <= 0).any():
+        raise ValueError("one of the masks is empty (all zero): every mask must mark the concept in its image")
+    return masks
+
+
+def latent_masks(view_masks: torch.Tensor | None, latent_hw) -> torch.Tensor | None:
+    """Pixel masks [V, H, W] -> loss weights [V, 1, h, w] at latent resolution (area average)."""
+    if view_masks is None:
+        return None
+    out = F.interpolate(view_masks[:, None].float(), size=tuple(latent_hw), mode="area")
+    if (out.flatten(1).sum(1) == 0).any():
+        raise ValueError("a mask is empty at latent resolution: every mask must cover part of its image")
+    return out
+
+
 def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
     """The SD1.x/SDXL training schedule."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2

@@ -45,24 +45,6 @@ class _ResidualTrainer(comfy.samplers.Sampler):
         return latent_image
 
 
-def _validate_images(images, masks):
-    if images is None or images.shape[0] == 0:
-        raise ValueError("the image batch is empty: connect a Load Image (or a batch of images) of the concept")
-    if masks is None:
-        return None
-    if masks.dim() == 2:
-        masks = masks[None]
-    if masks.shape[0] == 1 and images.shape[0] > 1:
-        masks = masks.expand(images.shape[0], -1, -1)
-    if tuple(masks.shape) != tuple(images.shape[:3]):
-        raise ValueError(
-            f"the mask batch is {tuple(masks.shape)} (count, height, width) but the images are "
-            f"{tuple(images.shape[:3])}: give one mask per image, each the size of its image")
-    if (masks.flatten(1).amax(1) <= 0).any():
-        raise ValueError("one of the masks is empty (all zero): every mask must mark the concept in its image")
-    return masks
-
-
 class TrainPersonalizedResiduals(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -121,17 +103,15 @@ class TrainPersonalizedResiduals(io.ComfyNode):
         class_word, token = class_word.strip(), token.strip()
         if not class_word or not token:
             raise ValueError("give both a class word (e.g. 'dog') and a token (e.g. 'sks')")
-        masks = _validate_images(images, masks)
+        masks = training.check_images(images, masks)
         path = lora_path(save_name) if save_name.strip() else None
         if path:
             check_free(path, overwrite)  # fail before minutes of training, not after
-        prompt = f"a photo of a {token} {class_word}"
+        prompt = training.training_prompt(token, class_word)
         concept_positions(clip, prompt, [token, class_word])
         config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
         family = model_family(model)
-        meta = {"technique": "personalized_residuals", "base_family": family, "class_word": class_word,
-                "token": token, "steps": steps, "seed": seed, "learning_rate": learning_rate,
-                "batch_size": batch_size, "resolution": resolution, "prompt": prompt}
+        meta = training.residual_metadata(family, class_word, token, config, resolution)
         pbar = comfy.utils.ProgressBar(steps)
 
         def progress(step, total, loss):
@@ -145,14 +125,12 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         with torch.inference_mode(False), torch.enable_grad():
             latents = latents.detach().clone()  # tensors made under inference mode cannot enter autograd
-            lat_masks = None
-            if view_masks is not None:
-                lat_masks = torch.nn.functional.interpolate(view_masks.clone()[:, None], size=latents.shape[-2:],
-                                                            mode="area")
+            lat_masks = training.latent_masks(None if view_masks is None else view_masks.clone(),
+                                              latents.shape[-2:])
             mp = trainable_clone(model)
             device = comfy.model_management.get_torch_device()
-            if device.type == "cuda":
-                mp.set_model_compute_dtype(torch.bfloat16)
+            if device.type == "cuda":  # autograd in fp16 would need loss scaling: bf16 where the card has it
+                mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
             sites = model_sites(mp)
             targets = R.select_sites([s for s, _ in sites], target_blocks or "")
             rs = R.init_residuals(targets, rank_ratio, seed=seed, device=device, metadata=meta)

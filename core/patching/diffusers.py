@@ -36,11 +36,6 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def training_prompt(token: str, class_word: str) -> str:
-    """The paper's prompt for every reference image."""
-    return f"a photo of a {token} {class_word}"
-
-
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """images [N, H, W, 3] in [0, 1] -> scaled latents (the distribution's mean: deterministic)."""
@@ -64,27 +59,16 @@ def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, cl
                     config: training.TrainConfig = training.TrainConfig(), prediction: str = "eps",
                     alphas_cumprod: torch.Tensor | None = None, progress=None):
     """Learn a residual set for a concept from ``images`` [N, H, W, 3]; returns (ResidualSet, losses)."""
-    if images.shape[0] == 0:
-        raise ValueError("the image batch is empty: give at least one image of the concept")
-    if masks is not None and tuple(masks.shape) != tuple(images.shape[:3]):
-        raise ValueError(f"the masks are {tuple(masks.shape)} but the images are {tuple(images.shape[:3])}: "
-                         "give one mask per image, of the image's size")
+    masks = training.check_images(images, masks)
     sites = unet_sites(unet)
-    family = unet_family(unet)
-    prompt = training_prompt(token, class_word)
+    prompt = training.training_prompt(token, class_word)
     concept_positions(tokenizer, prompt, [token, class_word])  # fails early on a word the tokenizer drops
-    meta = {"technique": "personalized_residuals", "base_family": family, "class_word": class_word,
-            "token": token, "steps": config.steps, "seed": config.seed, "learning_rate": config.learning_rate,
-            "batch_size": config.batch_size, "resolution": resolution, "prompt": prompt}
+    meta = training.residual_metadata(unet_family(unet), class_word, token, config, resolution)
     rs = R.init_residuals([s for s, _ in sites], rank_ratio, fixed_rank, seed=config.seed,
                           device=unet.device, metadata=meta)
     view_images, view_masks = training.make_views(images, masks, resolution, views, config.seed)
     latents = encode_images(vae, view_images).float()
-    lat_masks = None
-    if view_masks is not None:
-        lat_masks = torch.nn.functional.interpolate(view_masks[:, None], size=latents.shape[-2:], mode="area")
-        if (lat_masks.flatten(1).sum(1) == 0).any():
-            raise ValueError("a mask is empty at latent resolution: every mask must cover part of its image")
+    lat_masks = training.latent_masks(view_masks, latents.shape[-2:])
     context = encode_text(tokenizer, text_encoder, [prompt])
     ac = alphas_cumprod if alphas_cumprod is not None else training.scaled_linear_alphas_cumprod()
     unet.requires_grad_(False)

@@ -1,5 +1,5 @@
 """The UI workflows in ComfyUI's real web editor (headless Chromium): no missing nodes, and the editor queues
-exactly the API twin. Needs Debian's chromium and playwright-core (npm) in PW_DIR (default <cache>/pw)."""
+exactly the API twin. Needs Debian's chromium and playwright-core (npm) in $PW_DIR (default ~/.cache/pw)."""
 import json
 import os
 import shutil
@@ -24,7 +24,7 @@ def playwright_dir():
 def test_editor_loads_every_workflow_and_queues_its_api_twin(comfy_server, tmp_path):
     pw = playwright_dir()
     if pw is None:
-        pytest.skip("needs playwright-core: npm install playwright-core in $PW_DIR (default <cache>/../pw)")
+        pytest.skip("needs playwright-core: npm install playwright-core in $PW_DIR (default ~/.cache/pw)")
     files = sorted(WORKFLOWS.glob("*.json"))
     proc = subprocess.run(["node", str(HERE / "editor_check.mjs"), comfy_server.url, str(tmp_path)] +
                           [str(f) for f in files], env=dict(os.environ, PW_DIR=str(pw)), capture_output=True,
