@@ -172,13 +172,14 @@ def _pick(rng: np.random.Generator, options):
 
 
 def random_object(rng: np.random.Generator, shapes, textures, colours, place: str, two: bool) -> Obj:
-    r = float(rng.uniform(4.5, 6.0) if two else rng.uniform(5.0, 8.0))
+    r = float(rng.uniform(4.0, 5.5) if two else rng.uniform(5.0, 8.0))
     lo_y, hi_y = r + 1.0, SIZE - r - 1.0
     y = float(rng.uniform(lo_y, hi_y))
+    # two objects stay at least 2 px apart: left centres <= 9.5, right centres >= 22.5 (at 32 px)
     if place == "left":
-        lo, hi = r + 1.0, SIZE * 12 / 32
+        lo, hi = r + 1.0, SIZE * (9.5 if two else 12) / 32
     elif place == "right":
-        lo, hi = SIZE * 20 / 32, SIZE - r - 1.0
+        lo, hi = SIZE * (22.5 if two else 20) / 32, SIZE - r - 1.0
     else:
         lo, hi = SIZE * 14 / 32, SIZE * 18 / 32
     x = float(rng.uniform(lo, max(lo, hi)))
