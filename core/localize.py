@@ -89,7 +89,7 @@ class ResidualGate:
 
     def __init__(self, sites: list[tuple[TransformerSite, nn.Module]], residuals: ResidualSet,
                  strength: float = 1.0, block_strengths: dict[str, float] | None = None,
-                 localized: bool = False, rule: str = "median", mask_fn=None, merged_cache: dict | None = None):
+                 localized: bool = False, rule: str = "median", mask_fn=None, cache: dict | None = None):
         self.sites = [(s, m) for s, m in sites if s.target in residuals.layers]
         self.residuals = residuals
         self.strength = strength
@@ -98,8 +98,9 @@ class ResidualGate:
         self.rule = rule
         self.mask_fn = mask_fn  # maps [B, N] -> gate [B, N]; overrides ``rule`` (tests, custom rules)
         self.plan = CallPlan()
-        # Delta W per layer, dtype and device, for sampling (one 1x1 conv instead of two); share it across calls
-        self.merged_cache = merged_cache if merged_cache is not None else {}
+        # constants made on first use and shareable across calls: Delta W per layer/dtype/device (one 1x1 conv
+        # instead of two when sampling) and the token-indicator values of the map attention
+        self.cache = cache if cache is not None else {}
         self.last_masks: dict[str, torch.Tensor] = {}  # gates of the last call, for inspection
         self._q: dict[str, torch.Tensor] = {}
         self._maps: dict[tuple, torch.Tensor] = {}  # (block path, token positions) -> summed maps
@@ -145,9 +146,9 @@ class ResidualGate:
                 return
             for idx, rows in self.plan.tokens.items():
                 key = ("indicator", idx, heads, output.shape[1], output.shape[2], output.dtype, output.device)
-                ind = self.merged_cache.get(key)
+                ind = self.cache.get(key)
                 if ind is None:
-                    ind = self.merged_cache[key] = token_indicator(
+                    ind = self.cache[key] = token_indicator(
                         _index(idx, str(q.device)), heads, output.shape[1], output.shape[2] // heads, output)
                 m = token_attention(_take_rows(q, tuple(rows)), _take_rows(output, tuple(rows)), heads,
                                     _index(idx, str(q.device)), indicator=ind)
@@ -181,10 +182,10 @@ class ResidualGate:
         if torch.is_grad_enabled() and layer.up.requires_grad:
             return residual_forward(layer, x)  # training: keep the low-rank factors in the graph
         key = (site.target, x.dtype, x.device)
-        w = self.merged_cache.get(key)
+        w = self.cache.get(key)
         if w is None:
             w = layer.delta().to(device=x.device, dtype=x.dtype)
-            w = self.merged_cache[key] = w[:, :, None, None].contiguous() if layer.conv else w
+            w = self.cache[key] = w[:, :, None, None].contiguous() if layer.conv else w
         return F.conv2d(x, w) if layer.conv else F.linear(x, w)
 
     def _drop_maps(self, path):

@@ -118,7 +118,7 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
     (start sigma, end sigma) the call runs the base model.
     """
     placed: dict = {}
-    merged: dict = {}  # Delta W per layer/dtype/device, made on first use
+    constants: dict = {}  # Delta W and token indicators per device, made on first use (see ResidualGate)
     sites_cache: dict = {}
     matched: dict = {}  # cond uuid -> whether its context is the reference prompt (checked once per run)
     full_range = sigma_range[0] == float("inf") and sigma_range[1] <= 0.0
@@ -158,7 +158,7 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
                 "encoded, so the concept's tokens cannot be found. Connect the node's 'positive' output to the "
                 "sampler's positive input (and edit the prompt in the node).")
         gate = ResidualGate(sites, on_device(x.device), strength, block_strengths, localized=True, rule=rule,
-                            merged_cache=merged)
+                            cache=constants)
         gate.plan = cfg_plan(x.shape[0], cond_or_uncond, per_chunk, active)
         with gate:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
