@@ -205,6 +205,10 @@ def check_compatible(rs: ResidualSet, family: str, sites: list[TransformerSite])
     widths = {s.target: s.width for s in sites}
     linear = {s.target: s.linear for s in sites}
     for path, layer in rs.layers.items():
+        if not path.endswith(".proj_out"):
+            raise ResidualFileError(
+                f"'{path}' is not a transformer block's output projection: this is an ordinary LoRA, not a "
+                "personalized-residual file; load it with LoraLoader")
         if path not in widths:
             raise ResidualFileError(
                 f"the residual file targets '{path}', which this {family_label(family)} model does not have: "

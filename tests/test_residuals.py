@@ -106,3 +106,11 @@ def test_target_blocks_select_a_subset():
     assert R.select_sites(sites, "") == sites
     with pytest.raises(ValueError, match="match no transformer block"):
         R.select_sites(sites, "output_blocks.0")
+
+
+def test_an_ordinary_lora_is_pointed_to_loraloader(sd1_unet):
+    rs = make_set(sd1_unet)
+    layer = next(iter(rs.layers.values()))
+    rs.layers["input_blocks.1.1.transformer_blocks.0.attn2.to_k"] = layer
+    with pytest.raises(R.ResidualFileError, match="LoraLoader"):
+        R.check_compatible(rs, rs.family, [s for s, _ in unet_sites(sd1_unet)])
