@@ -103,8 +103,10 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def make_views(images: torch.Tensor, masks: torch.Tensor | None, resolution: int, views: int, seed: int):
-    """Random square crops (80-100% of the short side) and horizontal flips; view 0 is the plain centre crop.
+def make_views(images: torch.Tensor, masks: torch.Tensor | None, resolution: int, views: int, seed: int,
+               flip: bool = True):
+    """Random square crops (80-100% of the short side) and, if ``flip``, horizontal flips (leave them off where
+    left and right matter); view 0 is the plain centre crop.
 
     images [N, H, W, 3] in [0, 1]; masks [N, H, W] or None. Returns ([N*views, res, res, 3], [N*views, res, res]).
     """
@@ -118,15 +120,15 @@ def make_views(images: torch.Tensor, masks: torch.Tensor | None, resolution: int
                 side = int(side * (0.8 + 0.2 * torch.rand((), generator=gen).item()))
             top = (h - side) // 2 if v == 0 else int(torch.randint(0, h - side + 1, (), generator=gen))
             left = (w - side) // 2 if v == 0 else int(torch.randint(0, w - side + 1, (), generator=gen))
-            flip = v > 0 and bool(torch.rand((), generator=gen) < 0.5)
+            mirror = v > 0 and bool(torch.rand((), generator=gen) < 0.5) and flip
             img = images[i, top:top + side, left:left + side].permute(2, 0, 1)[None].float()
             img = F.interpolate(img, size=(resolution, resolution), mode="bilinear", antialias=True,
                                 align_corners=False)[0].permute(1, 2, 0).clamp(0, 1)
-            out_i.append(img.flip(1) if flip else img)
+            out_i.append(img.flip(1) if mirror else img)
             if masks is not None:
                 m = masks[i, top:top + side, left:left + side][None, None].float()
                 m = F.interpolate(m, size=(resolution, resolution), mode="bilinear", align_corners=False)[0, 0]
-                out_m.append(m.flip(1) if flip else m)
+                out_m.append(m.flip(1) if mirror else m)
     return torch.stack(out_i), (torch.stack(out_m) if masks is not None else None)
 
 

@@ -95,3 +95,10 @@ def test_word_missing_from_prompt_is_named():
     from core.tokens import word_positions
     with pytest.raises(TokenNotFoundError, match="'cat'.*not in the prompt"):
         word_positions([1, 2, 3], {"cat": [9]}, "a dog")
+
+
+def test_views_without_flips_keep_left_and_right(concept_images):
+    imgs, _ = training.make_views(concept_images, None, 32, 6, seed=0, flip=False)
+    red_cols = [(im[..., 0] > 0.7).float().mean(0).argmax().item() for im in imgs]
+    left_of_centre = [(concept_images[i, :, :, 0] > 0.7).float().mean(0).argmax().item() < 16 for i in range(4)]
+    assert all((c < 16) == left_of_centre[i // 6] for i, c in enumerate(red_cols))

@@ -55,7 +55,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, class_word: str,
                     token: str = "sks", masks: torch.Tensor | None = None, resolution: int = 512,
-                    views: int = 4, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
+                    views: int = 4, flip: bool = True, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
                     config: training.TrainConfig = training.TrainConfig(), prediction: str = "eps",
                     alphas_cumprod: torch.Tensor | None = None, progress=None):
     """Learn a residual set for a concept from ``images`` [N, H, W, 3]; returns (ResidualSet, losses)."""
@@ -66,7 +66,7 @@ def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, cl
     meta = training.residual_metadata(unet_family(unet), class_word, token, config, resolution)
     rs = R.init_residuals([s for s, _ in sites], rank_ratio, fixed_rank, seed=config.seed,
                           device=unet.device, metadata=meta)
-    view_images, view_masks = training.make_views(images, masks, resolution, views, config.seed)
+    view_images, view_masks = training.make_views(images, masks, resolution, views, config.seed, flip)
     latents = encode_images(vae, view_images).float()
     lat_masks = training.latent_masks(view_masks, latents.shape[-2:])
     context = encode_text(tokenizer, text_encoder, [prompt])

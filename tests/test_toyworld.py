@@ -1,0 +1,126 @@
+"""The toy world's fast checks: the scene generator, the judge on true renders, the committed base model."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bench.toyworld import judge as J
+from bench.toyworld import model as M
+from bench.toyworld import scenes as S
+
+WEIGHTS = os.path.join(M.HERE, "weights")
+
+
+def sums():
+    with open(os.path.join(WEIGHTS, "SHA256SUMS")) as f:
+        return {name: digest for digest, name in (line.split() for line in f if line.strip())}
+
+
+def test_scenes_are_deterministic_and_captioned():
+    for seed in range(20):
+        a, b = S.make_scene(seed), S.make_scene(seed)
+        assert a == b
+        ra, rb = S.render(a), S.render(b)
+        assert np.array_equal(ra.image, rb.image)
+        assert ra.image.shape == (S.SIZE, S.SIZE, 3) and 0 <= ra.image.min() and ra.image.max() <= 1
+        assert all(m.sum() > 10 for m in ra.masks)  # every object visible
+        cap = a.caption()
+        assert cap.endswith(f"on a {a.background} background")
+        if len(a.objects) == 1:
+            assert S.POSITION_PHRASE[a.objects[0].position] in cap
+        else:
+            assert a.objects[0].x < a.objects[1].x  # the first named object is the left one
+            assert not (ra.masks[0] & ra.masks[1]).any()
+
+
+def test_positions_follow_the_words():
+    for i, place in enumerate(S.POSITIONS * 10):
+        sc = S.make_scene(1000 + i, n_objects=1, position=place)
+        assert sc.objects[0].position == place
+        xs = np.nonzero(S.render(sc).masks[0])[1]
+        assert {"left": xs.mean() < 13, "middle": 13 <= xs.mean() <= 19, "right": xs.mean() > 19}[place]
+
+
+def test_colour_synonyms_and_held_out_concepts():
+    words = {w for s in range(400) for w in S.make_scene(s).caption().split()}
+    for _, (a, b) in S.COLOURS.values():
+        assert a in words and b in words
+    for w in (*S.NEW_SHAPES, *S.NEW_TEXTURES):
+        assert w not in words  # the base distribution never shows the new concepts
+    from bench.toyworld.train_base import training_scene_stream
+
+    stream = training_scene_stream(0)
+    for _ in range(300):
+        sc = next(stream)
+        assert not S.is_held_out_prompt(sc.caption())
+        assert all(o.shape in S.BASE_SHAPES and o.texture in S.BASE_TEXTURES for o in sc.objects)
+
+
+def test_tokenizer_one_token_per_word():
+    tok = M.build_tokenizer()
+    for w in S.VOCABULARY:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+
+
+def test_judge_reads_true_renders():
+    from bench.toyworld.train_judge import held_out_scenes
+
+    judge = J.load(os.path.join(WEIGHTS, "judge.safetensors"))
+    scs = held_out_scenes(48)
+    renders = [S.render(s) for s in scs]
+    readings = J.read(judge, torch.from_numpy(np.stack([r.image for r in renders])))
+    ok = [J.all_ok(J.attribute_checks(rd, sc)) for rd, sc in zip(readings, scs, strict=True)]
+    assert np.mean(ok) >= 47 / 48
+    for rd, r in zip(readings, renders, strict=True):
+        if len(rd.objects) == len(r.masks):
+            assert all(J.iou(o.mask, m) > 0.8 for o, m in zip(rd.objects, r.masks, strict=True))
+
+
+@pytest.mark.parametrize("name", ["base.safetensors", "judge.safetensors"])
+def test_committed_weights_checksum(name):
+    assert M.sha256(os.path.join(WEIGHTS, name)) == sums()[name]
+
+
+def test_base_model_loads_and_samples_with_lag():
+    from core import residuals as R
+    from core.localize import ResidualGate
+    from core.patching.diffusers import concept_positions, unet_sites
+
+    torch.manual_seed(0)
+    unet, te, tok = M.load(os.path.join(WEIGHTS, "base.safetensors"))
+    prompts = ["a red circle on the left on a gray background",
+               "a blue square and a green triangle on a sand background"]
+    imgs = M.generate(unet, te, tok, prompts, seed=0, steps=4)
+    assert imgs.shape == (2, S.SIZE, S.SIZE, 3) and torch.isfinite(imgs).all()
+    sites = unet_sites(unet)
+    rs = R.init_residuals([s for s, _ in sites], init_scale=1.0, seed=0)
+    prompt = "a sks shape on the left on a gray background"
+    idx = concept_positions(tok, prompt, ["sks", "shape"])
+    with ResidualGate(sites, rs, localized=True) as gate:
+        lag = M.generate(unet, te, tok, [prompt], seed=0, steps=4, gate=gate, token_idx=idx)
+    assert torch.isfinite(lag).all() and gate.last_masks
+    for m in gate.last_masks.values():
+        assert 0.3 < float(m.float().mean()) < 0.7  # median split of the V* attention
+
+
+def test_core_sampler_with_the_toy_scheduler_is_exact_for_an_exact_v_model():
+    """core.patching.diffusers.sample + DDIM (v-prediction, trailing) returns x0 when the model's v is exact."""
+    from types import SimpleNamespace
+
+    from core.patching.diffusers import sample
+
+    x0 = torch.rand(2, 3, S.SIZE, S.SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ac = M.build_scheduler().alphas_cumprod
+
+    class Oracle(torch.nn.Module):
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def forward(self, x, t, encoder_hidden_states=None):
+            a = ac[int(t)]
+            eps = (x - a.sqrt() * x0.repeat(2, 1, 1, 1)) / (1 - a).sqrt()
+            return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * x0.repeat(2, 1, 1, 1))
+
+    ctx = torch.zeros(1, 4, 8)
+    out = sample(Oracle(), M.build_scheduler(), ctx, ctx, tuple(x0.shape), steps=10, guidance=2.0)
+    assert (out - x0).abs().max() < 1e-4
