@@ -94,8 +94,8 @@ def run_on_server(args) -> dict:
     ckpt = {"CheckpointLoaderSimple": {"ckpt_name": args.ckpt}}
     train = workflow("learn_residuals", **ckpt, ConceptsTrainResiduals={
         "class_word": args.class_word, "token": args.token, "steps": args.steps, "learning_rate": args.lr,
-        "batch_size": args.batch_size, "seed": args.seed, "resolution": args.resolution, "views": args.views,
-        "save_name": save_name})
+        "batch_size": args.batch_size, "seed": args.seed, "resolution": args.resolution, "views": args.views},
+        ConceptsSaveResiduals={"save_name": save_name})
     for node, name in zip((n for n in train.values() if n["class_type"] == "LoadImage"), names, strict=False):
         node["inputs"]["image"] = name
     t0 = time.perf_counter()

@@ -63,11 +63,13 @@ def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_nam
             ins["steps"] = steps
         elif kind == "ConceptsTrainResiduals":
             ins.update(steps=train_steps, resolution=size, views=1, batch_size=2)
-            if save_name is not None:
-                ins["save_name"] = save_name
+        elif kind == "ConceptsSaveResiduals" and save_name is not None:
+            ins["save_name"] = save_name
         elif kind == "ConceptsLoadResiduals" and residual_name is not None:
             ins["residual_name"] = residual_name
         ins.update(node_inputs.get(kind, {}))
+    if save_name == "":  # no file wanted: drop the Save Residuals node
+        p = {k: v for k, v in p.items() if v["class_type"] != "ConceptsSaveResiduals"}
     return p
 
 

@@ -177,10 +177,13 @@ def test_residual_for_another_family_names_both(comfy_server, sd15_residual):
 def test_training_never_overwrites_an_existing_file(comfy_server, sd15_residual):
     _, path = sd15_residual
     before = path.read_bytes()
-    err = comfy_server.run_expect_error(workflow_prompt("learn_residuals", SD15, save_name="tests/sd15_toy",
-                                                        ConceptsTrainResiduals={"seed": 99}))
-    assert "already exists" in err and "overwrite" in err
-    assert path.read_bytes() == before
+    # Save Residuals refuses after training; the training node's own save_name refuses before training starts
+    for train_inputs in ({"seed": 99}, {"seed": 98, "save_name": "tests/sd15_toy"}):
+        err = comfy_server.run_expect_error(workflow_prompt("learn_residuals", SD15, save_name="tests/sd15_toy",
+                                                            ConceptsTrainResiduals=train_inputs))
+        assert "already exists" in err and "overwrite" in err
+        assert path.read_bytes() == before
+    assert "ConceptsTrainResiduals" in err  # the second refusal came from the training node
 
 
 @pytest.mark.parametrize("mask_size,value,message", [(64, 0.0, "empty"), (32, 1.0, "one mask per image")])
