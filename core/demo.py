@@ -96,11 +96,13 @@ def run_local(args) -> dict:
     for i, img in enumerate(images):
         save_png(img, out / f"train_{i + 1}.png")
     config = training.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    def progress(step, total, loss):
+        if step % max(1, total // 10) == 0:
+            log.info("step %d/%d loss %.4f", step, total, loss)
+
     t0 = time.perf_counter()
     rs, losses = D.train_residuals(unet, vae, tok, te, images, args.class_word, args.token, resolution=size,
-                                   views=args.views, config=config,
-                                   progress=lambda s, n, loss: s % max(1, n // 10) == 0 and log.info(
-                                       "step %d/%d loss %.4f", s, n, loss))
+                                   views=args.views, config=config, progress=progress)
     train_s = time.perf_counter() - t0
     R.save(rs, str(out / "residuals.safetensors"), overwrite=True)
     save_png(line_plot(losses)[0], out / "loss_curve.png")

@@ -1,8 +1,7 @@
-"""Attention maps to masks (LAG's binarisation) and mask resizing."""
+"""Attention maps to masks (LAG's binarisation) and block resolutions."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 RULES = ("median", "mean", "soft")
 
@@ -33,12 +32,3 @@ def block_hw(positions: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
             return h, w
         h, w = (h + 1) // 2, (w + 1) // 2
     raise ValueError(f"{positions} positions do not match a downsampled {latent_hw} latent")
-
-
-def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of masks [B, H, W] to ``hw`` (area-averaging when shrinking)."""
-    if tuple(mask.shape[-2:]) == tuple(hw):
-        return mask
-    mode = "area" if mask.shape[-2] >= hw[0] and mask.shape[-1] >= hw[1] else "bilinear"
-    kwargs = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(mask[:, None].float(), size=hw, mode=mode, **kwargs)[:, 0]
