@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import token_attention, token_indicator
+from .capture import qk_hooks, remove_hooks
 from .layouts import TransformerSite
 from .masks import binarize
 from .residuals import ResidualSet, residual_forward
@@ -102,7 +103,6 @@ class ResidualGate:
         # instead of two when sampling) and the token-indicator values of the map attention
         self.cache = cache if cache is not None else {}
         self.last_masks: dict[str, torch.Tensor] = {}  # gates of the last call, for inspection
-        self._q: dict[str, torch.Tensor] = {}
         self._maps: dict[tuple, torch.Tensor] = {}  # (block path, token positions) -> summed maps
         self._handles: list = []
 
@@ -113,17 +113,12 @@ class ResidualGate:
         for site, module in self.sites:
             if self.localized:
                 for block in module.transformer_blocks:
-                    attn = block.attn2
-                    self._handles.append(attn.to_q.register_forward_hook(self._q_hook(site.path)))
-                    self._handles.append(attn.to_k.register_forward_hook(self._k_hook(site.path, attn.heads)))
+                    self._handles += qk_hooks(block.attn2, self._on_qk(site.path, block.attn2.heads), self._wanted)
             self._handles.append(module.proj_out.register_forward_hook(self._out_hook(site)))
         return self
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._q.clear()
+        remove_hooks(self._handles)
         self._maps.clear()
 
     def __enter__(self):
@@ -133,29 +128,23 @@ class ResidualGate:
         self.remove()
 
     # -------------------------------------------------------------- hooks
-    def _q_hook(self, path):
-        def hook(module, inputs, output):
-            if self.plan.active and self.plan.tokens:
-                self._q[path] = output
-        return hook
+    def _wanted(self) -> bool:
+        return self.plan.active and bool(self.plan.tokens)
 
-    def _k_hook(self, path, heads):
-        def hook(module, inputs, output):
-            q = self._q.pop(path, None)
-            if q is None:
-                return
+    def _on_qk(self, path, heads):
+        def on_qk(q, k):
             for idx, rows in self.plan.tokens.items():
-                key = ("indicator", idx, heads, output.shape[1], output.shape[2], output.dtype, output.device)
+                key = ("indicator", idx, heads, k.shape[1], k.shape[2], k.dtype, k.device)
                 ind = self.cache.get(key)
                 if ind is None:
                     ind = self.cache[key] = token_indicator(
-                        _index(idx, str(q.device)), heads, output.shape[1], output.shape[2] // heads, output)
-                m = token_attention(_take_rows(q, tuple(rows)), _take_rows(output, tuple(rows)), heads,
+                        _index(idx, str(q.device)), heads, k.shape[1], k.shape[2] // heads, k)
+                m = token_attention(_take_rows(q, tuple(rows)), _take_rows(k, tuple(rows)), heads,
                                     _index(idx, str(q.device)), indicator=ind)
                 key = (path, idx)
                 prev = self._maps.get(key)
                 self._maps[key] = m if prev is None else prev + m  # depth > 1 (SDXL): sum the block's maps
-        return hook
+        return on_qk
 
     def _gate(self, site: TransformerSite, batch: int, positions: int, dtype) -> torch.Tensor:
         """[batch, positions] gate: each row's own mask, the mask it borrows, or zeros."""

@@ -1,5 +1,7 @@
 """ComfyUI nodes: thin wrappers over core/, one file per technique family."""
+from .inspect import AttentionHeatmaps, RecordAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals
 from .localize import ApplyResidualsLocalized
 
-NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized]
+NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
+         RecordAttention, AttentionHeatmaps]

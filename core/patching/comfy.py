@@ -171,3 +171,63 @@ def apply_localized(model_patcher, wrapper):
     m = model_patcher.clone()
     m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
     return m
+
+
+OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+
+
+def record_wrappers(record):
+    """(OUTER_SAMPLE wrapper, DIFFUSION_MODEL wrapper) that record every sampling run's cross-attention.
+
+    The outer wrapper starts a fresh record per sampling run; the model wrapper records the conditional chunks of
+    each UNet call into the step bin of the call's sigma.
+    """
+    from ..heatmaps import AttentionRecorder, step_bin, step_fraction
+
+    sites_cache: dict = {}
+    sources: dict = {}  # cond uuid -> source index, per run
+
+    def outer(executor, *args, **kwargs):
+        record.reset()
+        sources.clear()
+        return executor(*args, **kwargs)
+
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        unet = executor.class_obj
+        sites = sites_cache.get(id(unet))
+        if sites is None:
+            sites = sites_cache[id(unet)] = find_sites(unet)
+        cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
+        uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
+        size = x.shape[0] // len(cond_or_uncond)
+        record.latent_hw = tuple(x.shape[-2:])
+        rows = {}
+        for c, kind in enumerate(cond_or_uncond):
+            if kind != 0:
+                continue
+            key = uuids[c]
+            src = sources.get(key) if key is not None else None
+            if src is None:
+                src = record.source_of(context[c * size])
+                if key is not None:
+                    sources[key] = src
+            if src is not None:
+                rows[src] = rows.get(src, ()) + tuple(range(c * size, (c + 1) * size))
+        recorder = AttentionRecorder(sites, record)
+        recorder.rows = rows
+        if "sigmas" in transformer_options and "sample_sigmas" in transformer_options:
+            frac = step_fraction(float(transformer_options["sigmas"].max()), transformer_options["sample_sigmas"])
+            recorder.bin = step_bin(frac, record.bins)
+        with recorder:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    return outer, wrapper
+
+
+def apply_recording(model_patcher, record):
+    """A clone that records cross-attention into ``record`` during any sampler run."""
+    outer, wrapper = record_wrappers(record)
+    m = model_patcher.clone()
+    m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY + "-record", outer)
+    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY + "-record", wrapper)
+    return m

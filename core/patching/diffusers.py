@@ -5,6 +5,7 @@ import torch
 
 from .. import residuals as R
 from .. import training
+from ..heatmaps import step_bin
 from ..layouts import diffusers_to_ldm_namer, family_from_config, find_sites
 from ..localize import ResidualGate, cfg_plan
 from ..tokens import word_positions
@@ -84,15 +85,23 @@ def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, cl
 
 @torch.no_grad()
 def sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latent_shape, steps: int = 20,
-           guidance: float = 7.0, seed: int = 0, gate: ResidualGate | None = None, token_idx=None):
-    """Classifier-free-guided sampling; with ``gate`` installed, every UNet call gets a CFG plan for LAG."""
+           guidance: float = 7.0, seed: int = 0, gate: ResidualGate | None = None, token_idx=None,
+           recorder=None):
+    """Classifier-free-guided sampling; with ``gate`` installed, every UNet call gets a CFG plan for LAG; with
+    ``recorder`` (an installed ``core.heatmaps.AttentionRecorder``) the conditional rows' maps are recorded."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(latent_shape, generator=gen).to(unet.device, unet.dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
     b = latent_shape[0]
     context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-    for t in scheduler.timesteps:
+    if recorder is not None:
+        recorder.record.reset()
+        recorder.record.latent_hw = tuple(latent_shape[-2:])
+        recorder.rows = {recorder.record.source_of(cond[0]): tuple(range(b, 2 * b))}
+    for i, t in enumerate(scheduler.timesteps):
         inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        if recorder is not None:
+            recorder.bin = step_bin(i / max(1, steps - 1), recorder.record.bins)
         if gate is not None:
             gate.plan = cfg_plan(2 * b, [1, 0], token_idx or [])
         eps_u, eps_c = unet(inp, t, encoder_hidden_states=context).sample.chunk(2)

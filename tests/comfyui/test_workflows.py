@@ -30,8 +30,9 @@ def test_template_browser_lists_the_workflows(comfy_server):
 def test_every_node_has_tooltips_and_the_pack_prefix(comfy_server):
     info = comfy_server.object_info()
     ours = {k: v for k, v in info.items() if v.get("python_module", "").endswith("comfyui-concepts")}
-    assert set(ours) == {"ConceptsTrainResiduals", "ConceptsLoadResiduals", "ConceptsSaveResiduals",
-                         "ConceptsApplyResiduals", "ConceptsApplyResidualsLocalized"}
+    assert {"ConceptsTrainResiduals", "ConceptsLoadResiduals", "ConceptsSaveResiduals", "ConceptsApplyResiduals",
+            "ConceptsApplyResidualsLocalized", "ConceptsRecordAttention", "ConceptsAttentionHeatmaps"} <= set(ours)
+    assert all(name.startswith("Concepts") for name in ours)
     for name, node in ours.items():
         assert node["description"], name
         for section in ("required", "optional"):

@@ -1,0 +1,126 @@
+"""See: record cross-attention during any sampler run and turn it into per-word masks and overlays."""
+from __future__ import annotations
+
+import re
+
+from comfy_api.v0_0_2 import io, ui
+
+from ..core.heatmaps import AttentionRecord, RecordError, _same_context, overlay, word_maps
+from ..core.patching.comfy import apply_recording, prompt_token_ids, word_token_ids
+from ..core.tokens import find_subsequence
+from ._common import CATEGORY
+
+Record = io.Custom("CONCEPT_ATTENTION_RECORD")
+
+
+def parse_words(text: str) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def parse_widths(text: str) -> list[int] | None:
+    text = (text or "").strip().lower()
+    if text in ("", "all"):
+        return None
+    try:
+        return [int(w) for w in re.split(r"[,\s]+", text) if w]
+    except ValueError:
+        raise ValueError(f"resolutions must be 'all' or map widths like '16, 32', not '{text}'") from None
+
+
+def prompt_words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[\w'-]+", text.lower())]
+
+
+def word_token_positions(clip, text: str, words: list[str]) -> list[list[int]]:
+    """Per word, the prompt positions of all its sub-tokens (every occurrence); a missing word lists the prompt's."""
+    ids = prompt_token_ids(clip, text)
+    out = []
+    for word in words:
+        hits = find_subsequence(ids, word_token_ids(clip, word))
+        if not hits:
+            raise ValueError(f"the word '{word}' is not in the prompt; its words are: {', '.join(prompt_words(text))}")
+        out.append(hits)
+    return out
+
+
+class RecordAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsRecordAttention",
+            display_name="Record Cross-Attention",
+            category=f"{CATEGORY}/see",
+            description="Records the cross-attention of every prompt token while any sampler runs with the "
+                        "returned model (KSampler, SamplerCustomAdvanced, ...). Memory is fixed: maps are summed on "
+                        "the fly per resolution and per tenth of the run. Read the record with Attention Heatmaps "
+                        "after the sampler.",
+            inputs=[io.Model.Input("model", tooltip="The model to sample with; it is not changed.")],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="Connect to the sampler whose attention you want."),
+                Record.Output(display_name="record", tooltip="Connect to Attention Heatmaps."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model):
+        record = AttentionRecord()
+        return io.NodeOutput(apply_recording(model, record), record)
+
+
+class AttentionHeatmaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsAttentionHeatmaps",
+            display_name="Attention Heatmaps",
+            category=f"{CATEGORY}/see",
+            description="Turns a cross-attention record into one mask and one overlay per word: averaged over heads, "
+                        "layers, the chosen resolutions and step range, upsampled to the image and normalised per "
+                        "word (sub-tokens of a word are summed).",
+            inputs=[
+                Record.Input("record", tooltip="From Record Cross-Attention (the last sampler run with its model)."),
+                io.Image.Input("images", tooltip="The decoded images of that run; they set the size and get the "
+                                                 "overlay, and make this node run after the sampler."),
+                io.Clip.Input("clip", tooltip="The text encoder used for the positive prompt."),
+                io.String.Input("text", multiline=True, default="a photo of a dog on the beach",
+                                tooltip="The positive prompt exactly as sampled (used to find each word's tokens)."),
+                io.String.Input("words", default="dog, beach",
+                                tooltip="Comma-separated words (or phrases) of the prompt to map."),
+                io.String.Input("resolutions", default="all",
+                                tooltip="'all', or the attention-map widths to use, e.g. '16, 32' (SD1.5 at 512 px "
+                                        "has 8, 16, 32, 64; an error lists what was recorded)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.1,
+                               tooltip="First part of the run to include (0 = first step; steps are kept in tenths)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.1,
+                               tooltip="Last part of the run to include (1 = last step)."),
+                io.Float.Input("overlay_alpha", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Opacity of the heatmap over the image."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="masks", tooltip="One mask per word and image, word-major, in [0, 1]."),
+                io.Image.Output(display_name="overlays", tooltip="The images with each word's heatmap on top."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, record, images, clip, text, words, resolutions, start_percent, end_percent, overlay_alpha):
+        chosen = parse_words(words)
+        if not chosen:
+            raise ValueError("name at least one word of the prompt in 'words'")
+        if not record.contexts:
+            raise RecordError("nothing was recorded: connect Record Cross-Attention's model to the sampler that made "
+                              "these images, and its record here")
+        positions = word_token_positions(clip, text, chosen)
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0][0]
+        source = next((i for i, ref in enumerate(record.contexts) if _same_context(ref, cond[: ref.shape[0]])), None)
+        if source is None:
+            raise RecordError("the prompt typed here is not a positive prompt of the recorded run: paste the exact "
+                              "prompt the sampler used")
+        maps = word_maps(record, source, positions, parse_widths(resolutions), start_percent, end_percent,
+                         size=tuple(images.shape[1:3]))
+        if maps.shape[1] != images.shape[0]:
+            raise ValueError(f"the record holds {maps.shape[1]} images but {images.shape[0]} were given: connect the "
+                             "decoded output of the recorded sampler")
+        overlays = overlay(images, maps, overlay_alpha)
+        masks = maps.reshape(-1, *maps.shape[2:]).clamp(0, 1)
+        return io.NodeOutput(masks, overlays, ui=ui.PreviewImage(overlays, cls=cls))

@@ -1,0 +1,92 @@
+"""See and extract in a real ComfyUI: heatmaps from stock samplers, extraction workflows, their errors."""
+import pytest
+
+from . import harness
+from .prompts import (
+    CKPT,
+    EMPTY_LATENT,
+    NEGATIVE,
+    POSITIVE,
+    SAVE_LATENT,
+    VAE_DECODE,
+    insert_model_node,
+    stock_t2i_prompt,
+    workflow_prompt,
+)
+
+SD15, SDXL = harness.SD15_CKPT, harness.SDXL_CKPT
+PROMPT = "a photo of a dog on the beach"
+
+
+def heatmap_node(record, images, words="dog, beach", text=PROMPT, **kw):
+    return {"class_type": "ConceptsAttentionHeatmaps", "inputs": dict({
+        "record": record, "images": images, "clip": [CKPT, 1], "text": text, "words": words,
+        "resolutions": "all", "start_percent": 0.0, "end_percent": 1.0, "overlay_alpha": 0.5}, **kw)}
+
+
+def recorded_prompt(seed=3, batch=1, **heat_kw):
+    p = stock_t2i_prompt(SD15, seed=seed, positive=PROMPT, prefix="see")
+    p[EMPTY_LATENT]["inputs"]["batch_size"] = batch
+    p = insert_model_node(p, "20", "ConceptsRecordAttention", {})
+    p["21"] = heatmap_node(["20", 1], [VAE_DECODE, 0], **heat_kw)
+    p["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 1], "filename_prefix": "see_overlay"}}
+    return p
+
+
+@pytest.mark.parametrize("ckpt", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_heatmap_workflow_runs_to_overlays(comfy_server, ckpt):
+    out = comfy_server.run(workflow_prompt("attention_heatmaps", ckpt))
+    overlays = harness.output_refs({k: v for k, v in out.items() if k == "9"}, "images")
+    assert len(overlays) == 2  # "dog, beach" on one image
+    assert comfy_server.image_bytes(overlays[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recording_leaves_the_sampled_latent_unchanged(comfy_server):
+    base = stock_t2i_prompt(SD15, seed=5, positive=PROMPT, prefix="rec_base")
+    rec = recorded_prompt(seed=5)
+    rec[SAVE_LATENT]["inputs"]["filename_prefix"] = "latents/rec_on"
+    lat = []
+    for p in (base, rec):
+        out = comfy_server.run(p)
+        lat.append(comfy_server.read_latent(harness.output_refs(out, "latents")[0]))
+    assert lat[0].equal(lat[1])
+
+
+def test_batch_of_two_gives_word_major_overlays(comfy_server):
+    out = comfy_server.run(recorded_prompt(batch=2, words="dog, beach, photo"))
+    assert len(harness.output_refs({"22": out["22"]}, "images")) == 6
+
+
+def test_heatmaps_with_sampler_custom_advanced(comfy_server):
+    p = {
+        CKPT: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "20": {"class_type": "ConceptsRecordAttention", "inputs": {"model": [CKPT, 0]}},
+        POSITIVE: {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": [CKPT, 1]}},
+        NEGATIVE: {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": [CKPT, 1]}},
+        "30": {"class_type": "CFGGuider", "inputs": {"model": ["20", 0], "positive": [POSITIVE, 0],
+                                                     "negative": [NEGATIVE, 0], "cfg": 5.0}},
+        "31": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+        "32": {"class_type": "BasicScheduler", "inputs": {"model": ["20", 0], "scheduler": "karras", "steps": 3,
+                                                          "denoise": 1.0}},
+        "33": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        EMPTY_LATENT: {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "34": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["33", 0], "guider": ["30", 0],
+                                                                 "sampler": ["31", 0], "sigmas": ["32", 0],
+                                                                 "latent_image": [EMPTY_LATENT, 0]}},
+        VAE_DECODE: {"class_type": "VAEDecode", "inputs": {"samples": ["34", 0], "vae": [CKPT, 2]}},
+        "21": heatmap_node(["20", 1], [VAE_DECODE, 0], words="beach", start_percent=0.5),
+        "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 1], "filename_prefix": "see_sca"}},
+    }
+    out = comfy_server.run(p)
+    assert len(harness.output_refs({"22": out["22"]}, "images")) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"words": "dog, cat"}, "'cat' is not in the prompt; its words are: a, photo, of, a, dog, on, the, beach"),
+    ({"text": "a photo of a dog in the snow", "words": "dog"}, "not a positive prompt of the recorded run"),
+    ({"resolutions": "5"}, "available widths"),
+    ({"words": " , "}, "name at least one word"),
+])
+def test_heatmap_errors_say_what_to_fix(comfy_server, change, message):
+    p = recorded_prompt(**change)
+    assert message in comfy_server.run_expect_error(p)
