@@ -1,7 +1,8 @@
 """ComfyUI nodes: thin wrappers over core/, one file per technique family."""
+from .extract import ApplyConcepts, ExtractMasks, LearnConcepts
 from .inspect import AttentionHeatmaps, RecordAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals
 from .localize import ApplyResidualsLocalized
 
 NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
-         RecordAttention, AttentionHeatmaps]
+         RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts]

@@ -8,7 +8,7 @@ from .. import training
 from ..heatmaps import step_bin
 from ..layouts import diffusers_to_ldm_namer, family_from_config, find_sites
 from ..localize import ResidualGate, cfg_plan
-from ..tokens import word_positions
+from ..tokens import find_subsequence, word_positions
 
 
 def unet_sites(unet):
@@ -107,3 +107,108 @@ def sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latent_sha
         eps_u, eps_c = unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
         x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
     return x
+
+
+def noised(latents: torch.Tensor, fraction: float, alphas_cumprod: torch.Tensor, seed: int = 0):
+    """(x_t, t): latents noised to the timestep at ``fraction`` of the schedule (0 = clean, 1 = pure noise)."""
+    t = min(alphas_cumprod.shape[0] - 1, max(0, round(fraction * (alphas_cumprod.shape[0] - 1))))
+    a = alphas_cumprod[t].to(latents)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+    return a.sqrt() * latents + (1 - a).sqrt() * noise, torch.full((latents.shape[0],), t, device=latents.device)
+
+
+@torch.no_grad()
+def self_attention_masks(unet, vae, tokenizer, text_encoder, image: torch.Tensor, concepts: int = 0,
+                         max_concepts: int = 4, noise_fraction: float = 0.3, seed: int = 0, prompt: str = "",
+                         alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """ConceptExpress-style masks [K, H, W] for one image [1, H, W, 3]: noise, one UNet call, cluster attn1."""
+    from ..extract import SelfAttentionRecorder, cluster_concepts, resize_masks, self_attention_grid
+
+    latents = encode_images(vae, image).float()
+    ac = alphas_cumprod if alphas_cumprod is not None else training.scaled_linear_alphas_cumprod()
+    x_t, t = noised(latents, noise_fraction, ac, seed)
+    ctx = encode_text(tokenizer, text_encoder, [prompt])
+    with SelfAttentionRecorder(unet_sites(unet)) as rec:
+        unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx)
+    grid, hw = self_attention_grid(rec.sums, rec.counts, tuple(latents.shape[-2:]))
+    masks = cluster_concepts(grid[0], hw, concepts, max_concepts, seed)
+    return resize_masks(masks, tuple(image.shape[1:3]))
+
+
+def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, masks: torch.Tensor,
+                     tokens: list[str], class_words: list[str] | None = None, resolution: int = 512, views: int = 4,
+                     flip: bool = True, config=None, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
+                     prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None, progress=None):
+    """Learn one handle per mask (and shared residuals) from one image [1, H, W, 3] and masks [K, H, W]."""
+    import torch.nn.functional as F
+
+    from ..extract import (
+        ConceptSet,
+        ExtractConfig,
+        HandleAttention,
+        check_masks,
+        subset_prompt,
+        subsets,
+        train_concepts,
+        view_masks,
+    )
+
+    config = config or ExtractConfig()
+    masks = check_masks(masks, tuple(image.shape[1:3]), len(tokens))
+    class_words = class_words or [""] * len(tokens)
+    phrases = [f"{t} {c}".strip() for t, c in zip(tokens, class_words, strict=True)]
+    contexts, positions = {}, {}
+    for sub in subsets(len(tokens)) if config.union_sampling else [tuple(range(len(tokens)))]:
+        prompt = subset_prompt(phrases, sub)
+        contexts[sub] = encode_text(tokenizer, text_encoder, [prompt]).float()
+        positions[sub] = [concept_positions(tokenizer, prompt, [tokens[i]]) for i in sub]
+    handles = []  # each starts as its word's encoding in 'a photo of <word>'
+    for i in range(len(tokens)):
+        prompt = subset_prompt(phrases, (i,))
+        ctx = encode_text(tokenizer, text_encoder, [prompt]).float()
+        handles.append(ctx[0, concept_positions(tokenizer, prompt, [tokens[i]])].clone())
+    sites = unet_sites(unet)
+    rs = None
+    if config.joint_steps > 0:
+        meta = {"technique": "break-a-scene", "base_family": unet_family(unet), "token": ",".join(tokens),
+                "class_word": ",".join(class_words)}
+        rs = R.init_residuals([s for s, _ in sites], rank_ratio, fixed_rank, seed=config.seed, device=unet.device,
+                              metadata=meta)
+    view_images, vmasks = view_masks(training.make_views, image, masks, resolution, views, config.seed, flip)
+    latents = encode_images(vae, view_images).float()
+    lat_masks = F.interpolate(vmasks, size=latents.shape[-2:], mode="bilinear", align_corners=False)
+    ac = alphas_cumprod if alphas_cumprod is not None else training.scaled_linear_alphas_cumprod()
+    unet.requires_grad_(False)
+
+    def predict(x_t, t, ctx):
+        return unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx.to(unet.dtype)).sample
+
+    gate = ResidualGate(sites, rs) if rs is not None else None
+    try:
+        if gate is not None:
+            gate.install()
+        with HandleAttention(sites) as att:
+            losses = train_concepts(predict, latents, lat_masks, contexts, positions, handles,
+                                    rs.parameters() if rs is not None else [], ac, prediction, config, att, progress)
+    finally:
+        if gate is not None:
+            gate.remove()
+    return ConceptSet(tokens, [h.detach() for h in handles], masks, rs.detached() if rs is not None else None,
+                      list(class_words), losses)
+
+
+def concept_context(tokenizer, text_encoder, concepts, prompt: str):
+    """(conditioning [1, L, D] of ``prompt`` with the handles of the concepts it names, their token positions)."""
+    from ..extract import insert_handles
+
+    ctx = encode_text(tokenizer, text_encoder, [prompt]).float()
+    ids = token_ids(tokenizer, prompt)
+    present, pos = [], []
+    for i, tok in enumerate(concepts.tokens):
+        p = find_subsequence(ids, tokenizer(tok, add_special_tokens=False).input_ids)
+        if p:
+            present.append(i)
+            pos.append(p)
+    if not present:
+        raise ValueError(f"the prompt \"{prompt}\" names none of the concepts {concepts.tokens}")
+    return insert_handles(ctx, pos, [concepts.handles[i] for i in present]), sorted(x for p in pos for x in p)

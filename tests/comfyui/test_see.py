@@ -10,6 +10,7 @@ from .prompts import (
     SAVE_LATENT,
     VAE_DECODE,
     insert_model_node,
+    node_id,
     stock_t2i_prompt,
     workflow_prompt,
 )
@@ -90,3 +91,63 @@ def test_heatmaps_with_sampler_custom_advanced(comfy_server):
 def test_heatmap_errors_say_what_to_fix(comfy_server, change, message):
     p = recorded_prompt(**change)
     assert message in comfy_server.run_expect_error(p)
+
+
+def run_extraction(server, name, ckpt=SD15, **by_class):
+    from .test_learn_localize import add_inputs
+
+    add_inputs(server)
+    return server.run(workflow_prompt(name, ckpt, **by_class))
+
+
+@pytest.mark.parametrize("name", ["extract_concepts_unsupervised", "extract_concepts_supervised"])
+def test_extraction_workflows_run_to_an_image(comfy_server, name):
+    out = run_extraction(comfy_server, name)
+    images = harness.output_refs(out, "images")
+    assert images and comfy_server.image_bytes(images[-1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_extracted_concepts_sample_alone_and_together_on_sdxl_too(comfy_server):
+    for text in ("a photo of sks", "a photo of ohwx", "a photo of sks and ohwx"):
+        run_extraction(comfy_server, "extract_concepts_supervised", SDXL,
+                       ConceptsApplyConcepts={"text": text, "localized": text.endswith("ohwx")})
+
+
+def test_handles_only_and_zero_strength(comfy_server):
+    run_extraction(comfy_server, "extract_concepts_supervised",
+                   ConceptsLearnConcepts={"joint_steps": 0}, ConceptsApplyConcepts={"strength": 0.0})
+
+
+@pytest.mark.parametrize("by_class, message", [
+    ({"ConceptsApplyConcepts": {"text": "a photo of a dog"}}, "names none of the concepts; write one of: sks, ohwx"),
+    ({"ConceptsLearnConcepts": {"words": "sks"}}, "1 words for 2 concepts"),
+    ({"ConceptsLearnConcepts": {"class_words": "dog"}}, "1 class words for 2 concepts"),
+])
+def test_extraction_errors_say_what_to_fix(comfy_server, by_class, message):
+    from .test_learn_localize import add_inputs
+
+    add_inputs(comfy_server)
+    err = comfy_server.run_expect_error(workflow_prompt("extract_concepts_supervised", SD15, **by_class))
+    assert message in err
+
+
+def test_asking_for_too_many_concepts_is_an_error(comfy_server):
+    from .test_learn_localize import add_inputs
+
+    add_inputs(comfy_server)
+    p = workflow_prompt("extract_concepts_unsupervised", SD15, ConceptsExtractMasks={"concepts": 4})
+    p["23"] = {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}}
+    p[node_id(p, "ConceptsExtractMasks")]["inputs"]["image"] = ["23", 0]  # a 2x2 latent: 4 positions
+    assert "asked for 4 concepts but the image gives only 4 attention positions" in comfy_server.run_expect_error(p)
+
+
+def test_an_empty_user_mask_is_an_error(comfy_server):
+    from .test_learn_localize import add_inputs
+
+    add_inputs(comfy_server)
+    p = workflow_prompt("extract_concepts_supervised", SD15)
+    p["23"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+    learn = [k for k, v in p.items() if v["class_type"] == "ConceptsLearnConcepts"][0]
+    p[learn]["inputs"]["masks"] = ["23", 0]
+    p[learn]["inputs"]["words"] = "sks"
+    assert "are empty" in comfy_server.run_expect_error(p)

@@ -114,14 +114,17 @@ def ui_to_api(workflow, object_info):
     return prompt
 
 
-def main(url):
+def main(url, names=()):
+    """Write the UI twin of every API workflow (or only of ``names``, file stems)."""
     with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=30) as r:
         object_info = json.load(r)
     for api in sorted((WORKFLOWS / "api").glob("*.json")):
+        if names and api.stem not in names:
+            continue
         ui = api_to_ui(json.loads(api.read_text()), object_info)
         (WORKFLOWS / api.name).write_text(json.dumps(ui, indent=1) + "\n")
         print("wrote", WORKFLOWS / api.name)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188")
+    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188", sys.argv[2:])

@@ -1,0 +1,374 @@
+"""Concept extraction from one image: masks from self-attention clustering (ConceptExpress, Hao et al. 2024) or
+from the user (Break-A-Scene, Avrahami et al. 2023), then one learned handle per mask plus shared residuals.
+
+A *handle* is a learned vector for each sub-token of the concept's word, written over the text encoder's output
+at that word's positions (the conditioning space: no gradient through the text encoder, and any prompt that holds
+the word can carry it). Training follows Break-A-Scene: phase 1 the handles alone, phase 2 handles and the
+pack's residuals; per step a random subset of the concepts ("union sampling"), the diffusion loss inside the
+union of their masks, and optionally a loss pulling each handle's cross-attention toward its mask.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .attention import all_token_attention, token_attention
+from .capture import qk_hooks, remove_hooks
+from .layouts import TransformerSite
+from .masks import block_hw
+from .residuals import ResidualSet
+from .training import TrainingDivergedError, convert_prediction, diffusion_loss
+
+HANDLE_TOKENS = ("sks", "ohwx", "zwx", "qxz", "vyk", "pqa")  # rare words, one per concept by default
+
+
+class ExtractionError(ValueError):
+    """The image, masks or settings cannot give the concepts asked for."""
+
+
+# ----------------------------------------------------------------------------- masks from self-attention
+class SelfAttentionRecorder:
+    """Hooks on every transformer's self-attention (attn1) summing head-averaged probabilities per resolution."""
+
+    def __init__(self, sites: list[tuple[TransformerSite, torch.nn.Module]], rows: tuple[int, ...] = (0,)):
+        self.sites = sites
+        self.rows = rows
+        self.sums: dict[int, torch.Tensor] = {}  # positions -> [rows, N, N]
+        self.counts: dict[int, int] = {}
+        self._handles: list = []
+
+    def __enter__(self):
+        for _, module in self.sites:
+            for block in module.transformer_blocks:
+                self._handles += qk_hooks(block.attn1, self._on_qk(block.attn1.heads))
+        return self
+
+    def __exit__(self, *exc):
+        remove_hooks(self._handles)
+
+    def _on_qk(self, heads):
+        def on_qk(q, k):
+            with torch.no_grad():
+                idx = torch.tensor(self.rows, device=q.device)
+                p = all_token_attention(q.index_select(0, idx), k.index_select(0, idx), heads).cpu()
+                n = p.shape[1]
+                self.sums[n] = p if n not in self.sums else self.sums[n] + p
+                self.counts[n] = self.counts.get(n, 0) + 1
+        return on_qk
+
+
+def self_attention_grid(sums: dict[int, torch.Tensor], counts: dict[int, int], latent_hw: tuple[int, int],
+                        grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """Average the layers' self-attention on one grid: ([rows, G, G], grid hw); rows are distributions over G.
+
+    Keys are resampled bilinearly (then renormalised), queries by nearest neighbour (DiffSeg's aggregation);
+    the grid defaults to the finest resolution no wider than 32.
+    """
+    sizes = {n: block_hw(n, latent_hw) for n in sums}
+    if grid_hw is None:
+        fitting = [hw for hw in sizes.values() if hw[1] <= 32] or [min(sizes.values(), key=lambda s: s[0] * s[1])]
+        grid_hw = max(fitting, key=lambda s: s[0] * s[1])
+    gh, gw = grid_hw
+    acc = None
+    for n, total in sums.items():
+        h, w = sizes[n]
+        p = (total / counts[n]).float()  # [rows, N, N]
+        rows = p.shape[0]
+        keys = F.interpolate(p.reshape(rows * n, 1, h, w), size=(gh, gw), mode="bilinear", align_corners=False)
+        keys = keys.reshape(rows, h, w, gh * gw).permute(0, 3, 1, 2)  # [rows, G_keys, h, w]
+        grid = F.interpolate(keys, size=(gh, gw), mode="nearest").reshape(rows, gh * gw, gh * gw).transpose(1, 2)
+        grid = grid.clamp_min(0)
+        grid = grid / grid.sum(-1, keepdim=True).clamp_min(1e-12)
+        acc = grid if acc is None else acc + grid
+    return acc / len(sums), (gh, gw)
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> torch.Tensor:
+    """Labels [G] of k-means on points [G, D] (k-means++ seeding from ``seed``; deterministic)."""
+    g = points.shape[0]
+    if k > g:
+        raise ExtractionError(f"cannot make {k} clusters from {g} positions")
+    gen = torch.Generator().manual_seed(seed)
+    centres = [points[int(torch.randint(0, g, (), generator=gen))]]
+    for _ in range(1, k):
+        d = torch.cdist(points, torch.stack(centres)).amin(1) ** 2
+        if float(d.sum()) <= 0:
+            centres.append(points[int(torch.randint(0, g, (), generator=gen))])
+        else:
+            centres.append(points[int(torch.multinomial(d / d.sum(), 1, generator=gen))])
+    c = torch.stack(centres)
+    labels = torch.cdist(points, c).argmin(1)
+    for _ in range(iters):
+        for j in range(k):
+            members = points[labels == j]
+            if len(members):
+                c[j] = members.mean(0)
+        new = torch.cdist(points, c).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def silhouette(points: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette coefficient (Rousseeuw 1987) of a clustering; -1 when it has a single cluster."""
+    ids = labels.unique()
+    if len(ids) < 2:
+        return -1.0
+    d = torch.cdist(points, points)
+    own = torch.stack([d[:, labels == j].mean(1) for j in ids], 1)  # [G, K] mean distance to each cluster
+    sizes = torch.stack([(labels == j).sum() for j in ids]).float()
+    col = (labels[:, None] == ids[None]).float().argmax(1)
+    a = own.gather(1, col[:, None])[:, 0] * sizes[col] / (sizes[col] - 1).clamp_min(1)
+    own_masked = own.scatter(1, col[:, None], float("inf"))
+    b = own_masked.amin(1)
+    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    s[sizes[col] <= 1] = 0
+    return float(s.mean())
+
+
+def background_cluster(labels: torch.Tensor, hw: tuple[int, int]) -> int:
+    """The cluster holding most of the image border (our background rule; ConceptExpress filters it too)."""
+    grid = labels.reshape(hw)
+    border = torch.cat([grid[0], grid[-1], grid[:, 0], grid[:, -1]])
+    return int(torch.bincount(border, minlength=int(labels.max()) + 1).argmax())
+
+
+def cluster_concepts(attn: torch.Tensor, hw: tuple[int, int], concepts: int = 0, max_concepts: int = 4,
+                     seed: int = 0, min_fraction: float = 0.01) -> torch.Tensor:
+    """Concept masks [K, h, w] (0/1) from one image's self-attention grid [G, G]: k-means on the rows'
+    Hellinger embedding (sqrt of each distribution) into ``concepts`` + 1 clusters, the background cluster
+    dropped. ``concepts=0`` picks the count in 1..max_concepts with the best silhouette. Masks are ordered left
+    to right by centre of mass."""
+    points = attn.clamp_min(0).sqrt()
+    if concepts < 0 or max_concepts < 1:
+        raise ExtractionError("the number of concepts must be >= 0 (0 = automatic) and max_concepts >= 1")
+    if concepts + 1 > points.shape[0]:
+        raise ExtractionError(f"asked for {concepts} concepts but the image gives only {points.shape[0]} attention "
+                              "positions; use a larger image or ask for fewer concepts")
+    max_concepts = min(max_concepts, points.shape[0] - 1)
+    if concepts == 0:
+        scored = []
+        for k in range(1, max_concepts + 1):
+            labels = kmeans(points, k + 1, seed)
+            scored.append((silhouette(points, labels), k, labels))
+        _, concepts, labels = max(scored, key=lambda s: s[0])
+    else:
+        labels = kmeans(points, concepts + 1, seed)
+    bg = background_cluster(labels, hw)
+    keep = [j for j in range(concepts + 1) if j != bg]
+    masks = torch.stack([(labels == j).float().reshape(hw) for j in keep])
+    area = masks.flatten(1).mean(1)
+    if bool((area < min_fraction).any()):
+        raise ExtractionError(
+            f"asked for {concepts} concepts but the image's self-attention gives only "
+            f"{int((area >= min_fraction).sum())} distinct regions besides the background; "
+            "ask for fewer concepts or set 0 (automatic)")
+    xs = torch.arange(hw[1], dtype=torch.float32)
+    centre = (masks.sum(1) * xs).sum(1) / masks.sum((1, 2))
+    return masks[centre.argsort()]
+
+
+def resize_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """[K, h, w] -> [K, H, W] by nearest neighbour (masks stay 0/1)."""
+    return F.interpolate(masks[:, None].float(), size=hw, mode="nearest")[:, 0]
+
+
+def check_masks(masks: torch.Tensor | None, image_hw: tuple[int, int], concepts: int | None = None) -> torch.Tensor:
+    """Validate user masks [K, H, W] for one image: same size as the image, none empty, K concepts if given."""
+    if masks is None or masks.ndim != 3 or masks.shape[0] == 0:
+        raise ExtractionError("give one mask per concept (a MASK batch)")
+    if tuple(masks.shape[1:]) != tuple(image_hw):
+        raise ExtractionError(f"the masks are {tuple(masks.shape[1:])} but the image is {tuple(image_hw)}: "
+                              "draw the masks on this image (or resize them to it)")
+    empty = [i for i in range(masks.shape[0]) if float(masks[i].max()) <= 0]
+    if empty:
+        raise ExtractionError(f"mask(s) {empty} are empty: every concept needs some pixels")
+    if concepts is not None and masks.shape[0] != concepts:
+        raise ExtractionError(f"{masks.shape[0]} masks for {concepts} concept names: give one name per mask")
+    return masks.float().clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- handles and training
+@dataclass
+class ConceptSet:
+    """Extracted concepts: a word and a handle [sub-tokens, D] per concept, masks [K, H, W], shared residuals."""
+
+    tokens: list[str]
+    handles: list[torch.Tensor]
+    masks: torch.Tensor | None = None
+    residuals: ResidualSet | None = None
+    class_words: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    family: str = ""
+
+    def phrase(self, i: int) -> str:
+        cw = self.class_words[i] if i < len(self.class_words) else ""
+        return f"{self.tokens[i]} {cw}".strip()
+
+
+def concept_tokens(text: str, count: int) -> list[str]:
+    """The concepts' words: the user's comma-separated list, or the default rare words."""
+    given = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not given:
+        if count > len(HANDLE_TOKENS):
+            raise ExtractionError(f"at most {len(HANDLE_TOKENS)} concepts have default words; name the others")
+        return list(HANDLE_TOKENS[:count])
+    if len(given) != count:
+        raise ExtractionError(f"{len(given)} words for {count} concepts: give one word per concept")
+    if len(set(given)) != count:
+        raise ExtractionError("each concept needs its own word")
+    return given
+
+
+def subset_prompt(phrases: list[str], subset: tuple[int, ...]) -> str:
+    """Break-A-Scene's prompt for a subset of concepts: 'a photo of <a> and <b>'."""
+    return "a photo of " + " and ".join(phrases[i] for i in subset)
+
+
+def subsets(count: int) -> list[tuple[int, ...]]:
+    """Every non-empty subset of the concepts (union sampling draws from these)."""
+    return [s for r in range(1, count + 1) for s in itertools.combinations(range(count), r)]
+
+
+def insert_handles(context: torch.Tensor, positions: list[list[int]], handles: list[torch.Tensor]) -> torch.Tensor:
+    """context [B, L, D] with each handle's rows written at its positions (out of place, differentiable).
+
+    A handle with fewer rows than positions (the word occurs twice) is repeated."""
+    out = context.clone()
+    for pos, h in zip(positions, handles, strict=True):
+        if pos:
+            rows = h.to(out.dtype).repeat(math.ceil(len(pos) / h.shape[0]), 1)[:len(pos)]
+            out[:, pos] = rows.expand(out.shape[0], -1, -1)
+    return out
+
+
+def masked_union_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
+                      subset: tuple[int, ...]) -> torch.Tensor:
+    """The diffusion loss inside the union of the subset's masks [B, K, h, w] (Break-A-Scene's masked loss)."""
+    return diffusion_loss(pred, target, masks[:, list(subset)].amax(1, keepdim=True))
+
+
+def attention_alignment_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Break-A-Scene's cross-attention loss: MSE between each map [B, K, N] scaled to a maximum of 1 and its mask."""
+    scaled = maps / maps.amax(-1, keepdim=True).clamp_min(1e-8)
+    return F.mse_loss(scaled, masks.to(scaled))
+
+
+class HandleAttention:
+    """Cross-attention maps of the handles' positions with gradients, one [B, K, N] tensor per block, for the
+    alignment loss (the capture hooks of ``core.capture``)."""
+
+    def __init__(self, sites: list[tuple[TransformerSite, torch.nn.Module]]):
+        self.sites = sites
+        self.positions: list[list[int]] = []
+        self.maps: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self):
+        for _, module in self.sites:
+            for block in module.transformer_blocks:
+                self._handles += qk_hooks(block.attn2, self._on_qk(block.attn2.heads), lambda: bool(self.positions))
+        return self
+
+    def __exit__(self, *exc):
+        remove_hooks(self._handles)
+
+    def _on_qk(self, heads):
+        def on_qk(q, k):
+            per = [token_attention(q, k, heads, torch.tensor(p, device=q.device)) / heads for p in self.positions]
+            self.maps.append(torch.stack(per, 1))  # [B, K, N]
+        return on_qk
+
+
+@dataclass
+class ExtractConfig:
+    handle_steps: int = 100  # phase 1: handles alone
+    joint_steps: int = 150  # phase 2: handles and residuals (0: handles only, as ConceptExpress)
+    handle_lr: float = 5e-3
+    joint_handle_lr: float = 5e-4
+    residual_lr: float = 1e-3
+    batch_size: int = 2
+    attention_weight: float = 0.01  # Break-A-Scene's lambda_attn; 0 turns the alignment loss off
+    union_sampling: bool = True
+    seed: int = 0
+
+
+def train_concepts(predict, latents: torch.Tensor, masks: torch.Tensor, contexts: dict[tuple[int, ...], torch.Tensor],
+                   positions: dict[tuple[int, ...], list[list[int]]], handles: list[torch.Tensor],
+                   residual_params: list[torch.Tensor], alphas_cumprod: torch.Tensor, prediction: str = "eps",
+                   config: ExtractConfig = ExtractConfig(), attention: HandleAttention | None = None,
+                   progress=None) -> list[float]:
+    """Break-A-Scene's two-phase training; returns the loss per step.
+
+    latents [V, C, h, w] (views of the one image); masks [V, K, h, w] at latent size; ``contexts[subset]`` the
+    encoded subset prompt [1, L, D] and ``positions[subset]`` each member's token positions in it;
+    ``predict(x_t, t, context)`` the model's output of type ``prediction`` (residuals already hooked in).
+    """
+    k = masks.shape[1]
+    gen = torch.Generator().manual_seed(config.seed)
+    device = latents.device
+    ac = alphas_cumprod.to(device=device, dtype=torch.float32)
+    choices = subsets(k) if config.union_sampling else [tuple(range(k))]
+    for h in handles:
+        h.requires_grad_(True)
+    losses: list[float] = []
+    total = config.handle_steps + config.joint_steps
+    phase = None
+    opt = None
+    for step in range(total):
+        joint = step >= config.handle_steps
+        if phase != joint:
+            phase = joint
+            groups = [{"params": handles, "lr": config.joint_handle_lr if joint else config.handle_lr}]
+            if joint and residual_params:
+                for p in residual_params:
+                    p.requires_grad_(True)
+                groups.append({"params": residual_params, "lr": config.residual_lr})
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        subset = choices[int(torch.randint(0, len(choices), (), generator=gen))]
+        views = torch.randint(0, latents.shape[0], (config.batch_size,), generator=gen)
+        x0 = latents[views]
+        noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+        t = torch.randint(0, ac.shape[0], (len(views),), generator=gen).to(device)
+        a = ac[t]
+        x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+        ctx = insert_handles(contexts[subset].to(device), positions[subset], [handles[i] for i in subset])
+        ctx = ctx.expand(len(views), -1, -1)
+        if attention is not None:
+            attention.positions = positions[subset] if config.attention_weight > 0 else []
+            attention.maps = []
+        pred = convert_prediction(predict(x_t, t, ctx), prediction, "eps", x_t, a)
+        loss = masked_union_loss(pred, noise, masks[views], subset)
+        if attention is not None and attention.maps:
+            per_block = []
+            for m in attention.maps:
+                hw = block_hw(m.shape[-1], tuple(x0.shape[-2:]))
+                target = F.interpolate(masks[views][:, list(subset)], size=hw, mode="bilinear", align_corners=False)
+                per_block.append(attention_alignment_loss(m, target.flatten(2)))
+            loss = loss + config.attention_weight * torch.stack(per_block).mean()
+        if not math.isfinite(loss.item()):
+            raise TrainingDivergedError(f"the extraction loss became {loss.item()} at step {step + 1}: lower the "
+                                        "learning rates or train in fp32")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, total, losses[-1])
+    for p in list(handles) + list(residual_params):
+        p.requires_grad_(False)
+    return losses
+
+
+def view_masks(make_views, image: torch.Tensor, masks: torch.Tensor, resolution: int, views: int, seed: int,
+               flip: bool):
+    """Views of one image [1, H, W, 3] and its K masks: the same crops for every mask (same seed).
+
+    Returns (views [V, res, res, 3], masks [V, K, res, res])."""
+    per = [make_views(image, masks[i:i + 1], resolution, views, seed, flip) for i in range(masks.shape[0])]
+    return per[0][0], torch.stack([m for _, m in per], 1)

@@ -1,0 +1,324 @@
+"""Extract: concepts from one image, masks from self-attention (ConceptExpress) or from the user (Break-A-Scene)."""
+from __future__ import annotations
+
+import comfy.lora
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.nn.functional as F
+from comfy_api.v0_0_2 import io, ui
+from comfy_extras.nodes_custom_sampler import Guider_Basic
+
+from ..core import extract as X
+from ..core import residuals as R
+from ..core import training
+from ..core.heatmaps import colorize
+from ..core.localize import ResidualGate
+from ..core.patching import comfy as P
+from ..core.plots import line_plot
+from ..core.tokens import find_subsequence
+from ._common import CATEGORY, checked_sites, log
+
+Concepts = io.Custom("CONCEPT_SET")
+
+
+class _CallbackSampler(comfy.samplers.Sampler):
+    """A 'sampler' that runs ``fn(model_wrap, latents, sigma_table)`` inside ComfyUI's guider, so model loading,
+    patches, wrappers and latent scaling are ComfyUI's own; the latent passes through unchanged."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        table = model_wrap.inner_model.model_sampling.sigmas.float().to(latent_image.device)
+        self.result = self.fn(lambda x, s: model_wrap(x, s, **extra_args), model_wrap, latent_image, table)
+        return latent_image
+
+
+def run_in_guider(model, cond, latents, fn, seed=0):
+    sampler = _CallbackSampler(fn)
+    guider = Guider_Basic(model)
+    guider.set_conds(cond)
+    guider.sample(torch.zeros_like(latents), latents, sampler, torch.zeros(len(latents)), seed=seed)
+    return sampler.result
+
+
+def one_image(image):
+    if image.shape[0] != 1:
+        raise ValueError(f"give one image (got a batch of {image.shape[0]}); pick one with ImageFromBatch")
+    return image[..., :3].cpu()
+
+
+def segmentation_preview(image, masks):
+    """The image with each mask tinted in its own colour (concept 1 first on the blue-to-red ramp)."""
+    k = masks.shape[0]
+    colours = colorize(torch.linspace(0.25, 1.0, k)) if k > 1 else torch.tensor([[0.9, 0.0, 0.0]])
+    out = image[0].clone()
+    for i in range(k):
+        m = masks[i][..., None]
+        out = out * (1 - 0.5 * m) + 0.5 * m * colours[i]
+    return out[None]
+
+
+class ExtractMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsExtractMasks",
+            display_name="Extract Concept Masks (self-attention)",
+            category=f"{CATEGORY}/extract",
+            description="Finds the separate objects of one image without supervision (ConceptExpress): the image is "
+                        "encoded, noised, run once through the UNet, and its self-attention is clustered; the cluster "
+                        "that holds most of the border is the background and is dropped. Masks come left to right.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose self-attention groups the pixels."),
+                io.Clip.Input("clip", tooltip="The text encoder (encodes the prompt below for the one UNet call)."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes the image."),
+                io.Image.Input("image", tooltip="One image holding the concepts."),
+                io.Int.Input("concepts", default=0, min=0, max=8,
+                             tooltip="How many concepts to find; 0 picks the count automatically (best silhouette)."),
+                io.Int.Input("max_concepts", default=4, min=1, max=8,
+                             tooltip="The most concepts the automatic count may pick."),
+                io.Float.Input("noise", default=0.3, min=0.0, max=1.0, step=0.05,
+                               tooltip="How far along the noise schedule the image is noised before the UNet call "
+                                       "(0 = clean, 1 = pure noise); ConceptExpress-style extraction works early."),
+                io.String.Input("text", default="", tooltip="Prompt for the UNet call; empty is the usual choice."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds the noise and the clustering."),
+            ],
+            outputs=[io.Mask.Output(display_name="masks", tooltip="One mask per concept, left to right.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, concepts, max_concepts, noise, text, seed):
+        image = one_image(image)
+        with torch.no_grad():
+            latents = vae.encode(image)
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+        def probe(predict, model_wrap, latent, table):
+            sites = P.model_sites(model)  # the same modules the guider runs (ComfyUI patches weights in place)
+            sigma = table[min(len(table) - 1, max(0, round(noise * (len(table) - 1))))]
+            gen = torch.Generator().manual_seed(seed)
+            eps = torch.randn(latent.shape, generator=gen).to(latent)
+            with torch.no_grad(), X.SelfAttentionRecorder(sites) as rec:
+                predict(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
+            return rec.sums, rec.counts, tuple(latent.shape[-2:])
+
+        sums, counts, latent_hw = run_in_guider(model, cond, latents, probe, seed)
+        grid, hw = X.self_attention_grid(sums, counts, latent_hw)
+        masks = X.resize_masks(X.cluster_concepts(grid[0], hw, concepts, max_concepts, seed), tuple(image.shape[1:3]))
+        log.info("extracted %d concept masks", masks.shape[0])
+        return io.NodeOutput(masks, ui=ui.PreviewImage(segmentation_preview(image, masks), cls=cls))
+
+
+def _context_override(state):
+    """A DIFFUSION_MODEL wrapper feeding the training step's conditioning (with the handles) to the UNet."""
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        ctx = state.get("context")
+        if ctx is not None:
+            context = ctx.to(context.device, context.dtype).expand(x.shape[0], -1, -1)
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    return wrapper
+
+
+class LearnConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsLearnConcepts",
+            display_name="Learn Concepts from One Image",
+            category=f"{CATEGORY}/extract",
+            description="Learns one concept per mask from a single image (Break-A-Scene): phase 1 trains a handle "
+                        "per concept (a learned vector for its word), phase 2 the handles and shared residuals; each "
+                        "step uses a random subset of the concepts, the diffusion loss inside their masks and a loss "
+                        "pulling each handle's cross-attention toward its mask. Sample with Apply Concepts.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (SD1.x or SDXL); it is not changed."),
+                io.Clip.Input("clip", tooltip="The text encoder."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes the image."),
+                io.Image.Input("image", tooltip="One image holding the concepts."),
+                io.Mask.Input("masks", tooltip="One mask per concept (from Extract Concept Masks, or drawn: batch "
+                                               "mask images with ImageBatch + ImageToMask)."),
+                io.String.Input("words", default="",
+                                tooltip="Comma-separated words for the concepts, one per mask; empty: sks, ohwx, "
+                                        "zwx, ..."),
+                io.String.Input("class_words", default="",
+                                tooltip="Optional comma-separated class words ('dog, mug'), one per mask: prompts "
+                                        "become 'a photo of <word> <class>'."),
+                io.Int.Input("handle_steps", default=100, min=0, max=5000,
+                             tooltip="Phase 1: steps training the handles alone (Break-A-Scene: ~400)."),
+                io.Int.Input("joint_steps", default=150, min=0, max=5000,
+                             tooltip="Phase 2: steps training handles and residuals; 0 = handles only "
+                                     "(ConceptExpress-style tokens)."),
+                io.Float.Input("attention_weight", default=0.01, min=0.0, max=10.0, step=0.001,
+                               tooltip="Weight of the loss pulling each handle's cross-attention toward its mask "
+                                       "(Break-A-Scene: 0.01); 0 turns it off."),
+                io.Boolean.Input("union_sampling", default=True,
+                                 tooltip="Train on random subsets of the concepts so each also works alone."),
+                io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Views per step."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Square training resolution in pixels."),
+                io.Int.Input("views", default=4, min=1, max=32, tooltip="Random crops of the image, encoded once."),
+                io.Boolean.Input("flip", default=True,
+                                 tooltip="Also flip views horizontally (off when left and right matter)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds handles' training, crops, noise and subsets: same seed, same result."),
+            ],
+            outputs=[
+                Concepts.Output(display_name="concepts", tooltip="The learned concepts; sample with Apply Concepts."),
+                io.Mask.Output(display_name="masks", tooltip="The masks used, one per concept."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, masks, words, class_words, handle_steps, joint_steps,
+                attention_weight, union_sampling, batch_size, resolution, views, flip, seed):
+        image = one_image(image)
+        if masks.ndim == 2:
+            masks = masks[None]
+        if tuple(masks.shape[1:]) != tuple(image.shape[1:3]):
+            log.warning("masks %s resized to the image %s", tuple(masks.shape[1:]), tuple(image.shape[1:3]))
+            masks = F.interpolate(masks[:, None].float(), size=image.shape[1:3], mode="bilinear")[:, 0]
+        masks = X.check_masks(masks.cpu(), tuple(image.shape[1:3]))
+        tokens = X.concept_tokens(words, masks.shape[0])
+        cws = [c.strip() for c in (class_words or "").split(",")] if (class_words or "").strip() else [""] * len(tokens)
+        if len(cws) != len(tokens):
+            raise ValueError(f"{len(cws)} class words for {len(tokens)} concepts: give one per mask or none")
+        if handle_steps + joint_steps == 0:
+            raise ValueError("set handle_steps or joint_steps above 0")
+        config = X.ExtractConfig(handle_steps=handle_steps, joint_steps=joint_steps, batch_size=batch_size,
+                                 attention_weight=attention_weight, union_sampling=union_sampling, seed=seed)
+        phrases = [f"{t} {c}".strip() for t, c in zip(tokens, cws, strict=True)]
+        contexts, positions = {}, {}
+        with torch.no_grad():
+            for sub in X.subsets(len(tokens)) if union_sampling else [tuple(range(len(tokens)))]:
+                prompt = X.subset_prompt(phrases, sub)
+                contexts[sub] = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
+                positions[sub] = [P.concept_positions(clip, prompt, [tokens[i]]) for i in sub]
+            handles = []
+            for i in range(len(tokens)):
+                prompt = X.subset_prompt(phrases, (i,))
+                ctx = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
+                handles.append(ctx[0, P.concept_positions(clip, prompt, [tokens[i]])].clone())
+            view_images, vmasks = X.view_masks(training.make_views, image, masks, resolution, views, seed, flip)
+            latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
+            base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,))))
+        total = config.handle_steps + config.joint_steps
+        pbar = comfy.utils.ProgressBar(total)
+
+        def progress(step, n, loss):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(step, n)
+
+        family = P.model_family(model)
+        with torch.inference_mode(False), torch.enable_grad():
+            latents = latents.detach().clone()
+            lat_masks = F.interpolate(vmasks.clone(), size=latents.shape[-2:], mode="bilinear", align_corners=False)
+            contexts = {k: v.clone() for k, v in contexts.items()}
+            handles = [h.clone() for h in handles]
+            mp = P.trainable_clone(model)
+            state: dict = {}
+            mp.add_wrapper_with_key(P.DIFFUSION_MODEL, P.WRAPPER_KEY + "-handles", _context_override(state))
+            device = comfy.model_management.get_torch_device()
+            if device.type == "cuda":
+                mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+            sites = P.model_sites(mp)
+            rs = None
+            if joint_steps > 0:
+                meta = {"technique": "break-a-scene", "base_family": family, "token": ",".join(tokens),
+                        "class_word": ",".join(cws)}
+                rs = R.init_residuals([s for s, _ in sites], seed=seed, device=device, metadata=meta)
+            handles = [h.to(device) for h in handles]
+
+            def train(predict_x0, model_wrap, latent, table):
+                ac = 1.0 / (1.0 + table ** 2)
+
+                def predict(x_t, t, ctx):
+                    state["context"] = ctx
+                    a = ac[t].view(-1, 1, 1, 1)
+                    return predict_x0(x_t / a.sqrt(), table[t])
+
+                gate = ResidualGate(sites, rs) if rs is not None else None
+                try:
+                    if gate is not None:
+                        gate.install()
+                    with X.HandleAttention(sites) as att:
+                        return X.train_concepts(predict, latent.float(), lat_masks.to(latent.device), contexts,
+                                                positions, handles, rs.parameters() if rs is not None else [], ac,
+                                                "x0", config, att, progress)
+                finally:
+                    if gate is not None:
+                        gate.remove()
+
+            losses = run_in_guider(mp, base_cond, latents, train, seed)
+        if rs is not None:
+            rs = rs.detached()
+            for layer in rs.layers.values():
+                layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
+        concepts = X.ConceptSet(tokens, [h.detach().cpu() for h in handles], masks, rs, cws, losses, family)
+        log.info("learned %d concepts: loss %.4f -> %.4f", len(tokens), losses[0], losses[-1])
+        curve = line_plot(losses)
+        return io.NodeOutput(concepts, masks, curve, ui=ui.PreviewImage(curve, cls=cls))
+
+
+class ApplyConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsApplyConcepts",
+            display_name="Apply Concepts",
+            category=f"{CATEGORY}/extract",
+            description="Samples learned concepts alone or together: encodes the prompt, writes each named "
+                        "concept's handle over its word, and adds the shared residuals where cross-attention finds "
+                        "the named concepts (LAG) or everywhere. Connect 'positive' to the sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the concepts were learned on."),
+                io.Clip.Input("clip", tooltip="The text encoder."),
+                Concepts.Input("concepts", tooltip="From Learn Concepts from One Image."),
+                io.String.Input("text", multiline=True, default="a photo of sks and ohwx",
+                                tooltip="The positive prompt; name one or more of the concepts' words."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier on the residuals; 0 keeps only the handles."),
+                io.Boolean.Input("localized", default=True,
+                                 tooltip="On: residuals only where the named concepts' words attend (LAG); "
+                                         "off: everywhere."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.Conditioning.Output(display_name="positive", tooltip="Connect to the sampler's positive input."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, text, strength, localized):
+        family = P.model_family(model)
+        if concepts.family and concepts.family != family:
+            raise ValueError(f"these concepts were learned on a {concepts.family} model, not {family}")
+        ids = P.prompt_token_ids(clip, text)
+        present, pos = [], []
+        for i, tok in enumerate(concepts.tokens):
+            p = find_subsequence(ids, P.word_token_ids(clip, tok))
+            if p:
+                present.append(i)
+                pos.append(p)
+        if not present:
+            raise ValueError(f"the prompt names none of the concepts; write one of: {', '.join(concepts.tokens)}")
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        cond = X.insert_handles(positive[0][0].float(), pos, [concepts.handles[i] for i in present])
+        positive = [[cond.to(positive[0][0].dtype), dict(positive[0][1])]] + positive[1:]
+        m = model
+        if concepts.residuals is not None and strength != 0.0:
+            checked_sites(model, concepts.residuals)
+            if localized:
+                wrapper = P.lag_wrapper(concepts.residuals, sorted(x for p in pos for x in p), positive[0][0][0],
+                                      strength)
+                m = P.apply_localized(model, wrapper)
+            else:
+                key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+                m = P.apply_global(model, concepts.residuals, strength, {}, comfy.lora.load_lora, key_map)
+        return io.NodeOutput(m, positive)

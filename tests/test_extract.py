@@ -1,0 +1,148 @@
+"""Extraction: self-attention clustering finds the regions, handles go where they belong, training is masked."""
+import pytest
+import torch
+
+from core.extract import (
+    ExtractConfig,
+    ExtractionError,
+    attention_alignment_loss,
+    check_masks,
+    cluster_concepts,
+    concept_tokens,
+    insert_handles,
+    kmeans,
+    masked_union_loss,
+    self_attention_grid,
+    subsets,
+)
+from core.patching.diffusers import concept_context, extract_concepts, self_attention_masks
+
+
+def block_attention(labels: torch.Tensor) -> torch.Tensor:
+    """Self-attention [G, G] in which every position attends uniformly to the positions of its own region."""
+    same = (labels[:, None] == labels[None]).float()
+    return same / same.sum(1, keepdim=True)
+
+
+def scene_labels(h=12, w=12):
+    """Background 0 with two squares: 1 on the left, 2 on the right."""
+    lab = torch.zeros(h, w, dtype=torch.long)
+    lab[3:8, 1:5] = 1
+    lab[4:9, 7:11] = 2
+    return lab
+
+
+def test_kmeans_splits_two_attention_blocks_exactly():
+    lab = torch.zeros(8, 8, dtype=torch.long)
+    lab[:, 4:] = 1
+    labels = kmeans(block_attention(lab.flatten()).sqrt(), 2, seed=0)
+    assert torch.equal(labels.reshape(8, 8) == labels[0], lab == 0)
+
+
+@pytest.mark.parametrize("concepts", [2, 0], ids=["given", "automatic"])
+def test_clustering_returns_the_objects_left_to_right_without_the_background(concepts):
+    lab = scene_labels()
+    masks = cluster_concepts(block_attention(lab.flatten()), (12, 12), concepts=concepts)
+    assert masks.shape == (2, 12, 12)
+    assert torch.equal(masks[0].bool(), lab == 1) and torch.equal(masks[1].bool(), lab == 2)
+
+
+def test_asking_more_concepts_than_the_image_has_is_an_error():
+    with pytest.raises(ExtractionError, match="gives only 2 distinct regions"):
+        cluster_concepts(block_attention(scene_labels().flatten()), (12, 12), concepts=4)
+
+
+def test_grid_aggregation_keeps_rows_distributions_and_block_structure():
+    lab = torch.zeros(8, 8, dtype=torch.long)
+    lab[:, 4:] = 1
+    fine = block_attention(lab.flatten())[None]  # 8x8 layer
+    coarse_lab = torch.zeros(4, 4, dtype=torch.long)
+    coarse_lab[:, 2:] = 1
+    coarse = block_attention(coarse_lab.flatten())[None]  # 4x4 layer
+    grid, hw = self_attention_grid({64: fine, 16: coarse}, {64: 1, 16: 1}, (8, 8))
+    assert hw == (8, 8)
+    assert torch.allclose(grid.sum(-1), torch.ones(1, 64), atol=1e-5)
+    left = lab.flatten() == 0
+    assert float(grid[0][left][:, ~left].sum(1).max()) < 0.2  # left queries stay (mostly) on the left
+
+
+def test_masked_union_loss_ignores_pixels_outside_the_mask_exactly():
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    masks = torch.zeros(2, 2, 8, 8)
+    masks[:, 0, :, :3] = 1
+    masks[:, 1, :, 6:] = 1
+    base = masked_union_loss(pred, target, masks, (0, 1))
+    changed = pred.clone()
+    changed[..., 3:6] += 100.0  # between the two masks
+    assert masked_union_loss(changed, target, masks, (0, 1)) == base
+    changed[..., 7] += 1.0  # inside concept 1's mask: counts for the union, not for concept 0 alone
+    assert masked_union_loss(changed, target, masks, (0, 1)) != base
+    assert masked_union_loss(changed, target, masks, (0,)) == masked_union_loss(pred, target, masks, (0,))
+
+
+def test_handles_replace_only_their_rows_and_receive_gradients():
+    ctx = torch.randn(1, 10, 6)
+    h = torch.randn(1, 6, requires_grad=True)
+    out = insert_handles(ctx, [[3, 7]], [h])
+    assert torch.equal(out[0, 3], h[0].detach()) and torch.equal(out[0, 7], h[0].detach())
+    keep = [i for i in range(10) if i not in (3, 7)]
+    assert torch.equal(out[0, keep], ctx[0, keep])
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.full((1, 6), 2.0))
+
+
+def test_attention_alignment_loss_is_zero_for_a_map_shaped_like_its_mask():
+    mask = torch.zeros(1, 1, 16)
+    mask[..., 4:9] = 1
+    assert float(attention_alignment_loss(0.3 * mask, mask)) == 0.0
+    assert float(attention_alignment_loss(torch.ones(1, 1, 16) * 0.3, mask)) > 0.0
+
+
+def test_bad_masks_and_words_say_what_to_fix():
+    with pytest.raises(ExtractionError, match="masks are"):
+        check_masks(torch.ones(2, 8, 8), (16, 16))
+    empty = torch.ones(2, 8, 8)
+    empty[1] = 0
+    with pytest.raises(ExtractionError, match=r"mask\(s\) \[1\] are empty"):
+        check_masks(empty, (8, 8))
+    with pytest.raises(ExtractionError, match="one name per mask"):
+        check_masks(torch.ones(2, 8, 8), (8, 8), concepts=3)
+    with pytest.raises(ExtractionError, match="one word per concept"):
+        concept_tokens("sks", 2)
+    assert concept_tokens("", 2) == ["sks", "ohwx"]
+    assert subsets(2) == [(0,), (1,), (0, 1)]
+
+
+@pytest.fixture
+def two_object_image():
+    img = torch.full((1, 32, 32, 3), 0.5)
+    img[0, 8:20, 2:12] = torch.tensor([1.0, 0.0, 0.0])
+    img[0, 10:22, 18:30] = torch.tensor([0.0, 0.0, 1.0])
+    masks = torch.zeros(2, 32, 32)
+    masks[0, 8:20, 2:12] = 1
+    masks[1, 10:22, 18:30] = 1
+    return img, masks
+
+
+def test_extraction_trains_handles_and_residuals_deterministically(sd1_unet, vae, tokenizer, text_encoder,
+                                                                   two_object_image):
+    img, masks = two_object_image
+    cfg = ExtractConfig(handle_steps=3, joint_steps=2, batch_size=2, attention_weight=0.1, seed=1)
+    runs = [extract_concepts(sd1_unet, vae, tokenizer, text_encoder, img, masks, ["sks", "toy"], resolution=32,
+                             views=2, flip=False, config=cfg) for _ in range(2)]
+    a, b = runs
+    assert len(a.losses) == 5 and all(torch.isfinite(torch.tensor(a.losses)))
+    assert a.losses == b.losses and all(torch.equal(x, y) for x, y in zip(a.handles, b.handles, strict=True))
+    initial = concept_context(tokenizer, text_encoder, type(a)(a.tokens, [torch.zeros_like(h) for h in a.handles]),
+                              "a photo of sks")[0]
+    ctx, pos = concept_context(tokenizer, text_encoder, a, "a photo of sks")
+    assert pos and not torch.equal(ctx[0, pos], initial[0, pos])
+    assert a.residuals is not None and any(float(layer.up.abs().sum()) > 0 for layer in a.residuals.layers.values())
+    with pytest.raises(ValueError, match="names none of the concepts"):
+        concept_context(tokenizer, text_encoder, a, "a photo of a dog")
+
+
+def test_self_attention_masks_have_the_image_size(sd1_unet, vae, tokenizer, text_encoder, two_object_image):
+    img, _ = two_object_image
+    masks = self_attention_masks(sd1_unet, vae, tokenizer, text_encoder, img, concepts=1, seed=0)
+    assert masks.shape == (1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
