@@ -212,3 +212,12 @@ def concept_context(tokenizer, text_encoder, concepts, prompt: str):
     if not present:
         raise ValueError(f"the prompt \"{prompt}\" names none of the concepts {concepts.tokens}")
     return insert_handles(ctx, pos, [concepts.handles[i] for i in present]), sorted(x for p in pos for x in p)
+
+
+def unet_modules(unet) -> dict:
+    """{ldm module path: module} for every layer of a diffusers UNet a LoRA can target."""
+    from ..lora_files import spec_from_diffusers_config, unet_module_map
+
+    to_ldm, _ = unet_module_map(spec_from_diffusers_config(unet.config, unet_family(unet)))
+    named = dict(unet.named_modules())
+    return {ldm: named[d] for d, ldm in to_ldm.items() if d in named}

@@ -1,0 +1,148 @@
+"""Regions: several low-rank deltas in one pass, each inside its own mask or attention region."""
+import copy
+
+import pytest
+import torch
+
+from core import residuals as R
+from core.compose import OverlapError
+from core.localize import ResidualGate, cfg_plan
+from core.lora_files import ConvLowRank
+from core.patching.diffusers import concept_positions, encode_text, unet_modules, unet_sites
+from core.regions import Region, RegionGate, plan_rows
+from core.residuals import LowRank
+
+PROMPT = "a photo of a sks dog on the beach"
+
+
+def random_lora(modules, paths, seed=0, rank=2, scale=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for p in paths:
+        w = modules[p].weight
+        out_dim, in_dim = w.shape[0], w.shape[1]
+        if w.ndim == 4 and w.shape[-1] > 1:
+            k = w.shape[-1]
+            layers[p] = ConvLowRank(torch.randn(rank, in_dim * k * k, generator=gen) * scale,
+                                    torch.randn(out_dim, rank, generator=gen) * scale, float(rank), True, (k, k))
+        else:
+            layers[p] = LowRank(torch.randn(rank, in_dim, generator=gen) * scale,
+                                torch.randn(out_dim, rank, generator=gen) * scale, float(rank), w.ndim == 4)
+    return layers
+
+
+def merged(unet, layers, strength=1.0):
+    m = copy.deepcopy(unet)
+    mods = unet_modules(m)
+    with torch.no_grad():
+        for p, layer in layers.items():
+            w = mods[p].weight
+            if isinstance(layer, ConvLowRank):
+                delta = (layer.up @ layer.down).reshape(w.shape) * layer.scale
+            else:
+                delta = layer.delta().reshape(w.shape)
+            w += strength * delta
+    return m
+
+
+@pytest.fixture
+def call(tokenizer, text_encoder):
+    ctx = encode_text(tokenizer, text_encoder, ["", PROMPT])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    return x, torch.tensor([300, 300]), ctx
+
+
+def some_paths(modules):
+    """One layer of each kind the gate treats differently."""
+    want = ("attn1.to_q", "attn2.to_out.0", "ff.net.2", "proj_out", "attn2.to_k", "attn2.to_v", "0.in_layers.2")
+    picked = {}
+    for p in modules:
+        for w in want:
+            if p.endswith(w) and w not in picked:
+                picked[w] = p
+    return list(picked.values())
+
+
+@torch.no_grad()
+def run_gate(unet, call, regions, rule="argmax", rows=(), borrow=()):
+    x, t, ctx = call
+    gate = RegionGate(unet_modules(unet), unet_sites(unet), regions, rule)
+    gate.set_latent_hw(tuple(x.shape[-2:]))
+    with gate:
+        gate.begin_call(rows, borrow)
+        return unet(x, t, encoder_hidden_states=ctx).sample
+
+
+@torch.no_grad()
+def test_a_full_mask_is_the_lora_applied_globally(unet, call):
+    modules = unet_modules(unet)
+    layers = random_lora(modules, some_paths(modules))
+    assert any(p.endswith("attn2.to_k") for p in layers) and any(isinstance(v, ConvLowRank) for v in layers.values())
+    out = run_gate(unet, call, [Region(layers, 0.8, mask=torch.ones(16, 16))])
+    x, t, ctx = call
+    ref = merged(unet, layers, 0.8)(x, t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out, unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-3)
+
+
+@torch.no_grad()
+def test_an_empty_mask_is_the_base_model_exactly(unet, call):
+    modules = unet_modules(unet)
+    out = run_gate(unet, call, [Region(random_lora(modules, some_paths(modules)), 1.0, mask=torch.zeros(16, 16))])
+    x, t, ctx = call
+    assert torch.equal(out, unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+@torch.no_grad()
+def test_disjoint_masks_change_only_their_own_half_at_the_first_gated_layer(sd1_unet, call):
+    modules = unet_modules(sd1_unet)
+    first = next(p for p in modules if p.endswith("proj_in"))  # the first transformer layer, 1x1 conv on SD1
+    left, right = torch.zeros(8, 8), torch.zeros(8, 8)
+    left[:, :4], right[:, 4:] = 1, 1
+    seen = {}
+    site = next(m for s, m in unet_sites(sd1_unet) if first.startswith(s.path + "."))
+    # proj_in's output (after the regions' hooks) is what the first transformer block receives
+    hook = site.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.setdefault("out", []).append(args[0].clone()))
+    try:
+        run_gate(sd1_unet, call, [])
+        base = seen["out"][-1]
+        run_gate(sd1_unet, call, [Region(random_lora(modules, [first], seed=1), 1.0, mask=left)])
+        only_left = seen["out"][-1] - base
+        run_gate(sd1_unet, call, [Region(random_lora(modules, [first], seed=1), 1.0, mask=left),
+                                  Region(random_lora(modules, [first], seed=2), 1.0, mask=right)])
+        both = seen["out"][-1] - base
+    finally:
+        hook.remove()
+    only_left, both = (d.reshape(d.shape[0], 8, 8, -1) for d in (only_left, both))  # tokens [B, h*w, C]
+    assert only_left[:, :, 4:].abs().max() == 0 and only_left[:, :, :4].abs().max() > 0
+    assert torch.equal(both[:, :, :4], only_left[:, :, :4])  # the right region's LoRA leaves the left half alone
+    assert both[:, :, 4:].abs().max() > 0
+
+
+@torch.no_grad()
+def test_one_attention_region_on_proj_out_is_lag(unet, call, tokenizer):
+    x, t, ctx = call
+    rs = R.init_residuals([s for s, _ in unet_sites(unet)], seed=3, init_scale=0.5)
+    idx = concept_positions(tokenizer, PROMPT, ["sks", "dog"])
+    with ResidualGate(unet_sites(unet), rs, localized=True) as lag:
+        lag.plan = cfg_plan(2, [1, 0], idx)
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+    rows, borrow = plan_rows(2, [1, 0], [False, True])
+    out = run_gate(unet, call, [Region(dict(rs.layers), 1.0, tokens=idx)], rows=rows, borrow=borrow)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+@torch.no_grad()
+def test_overlapping_user_masks_with_the_error_rule_name_both(sd1_unet, call):
+    modules = unet_modules(sd1_unet)
+    paths = [next(p for p in modules if p.endswith("proj_out"))]
+    regions = [Region(random_lora(modules, paths), mask=torch.ones(8, 8), name="cat"),
+               Region(random_lora(modules, paths, seed=1), mask=torch.ones(8, 8), name="dog")]
+    with pytest.raises(OverlapError, match="'cat' and 'dog'"):
+        run_gate(sd1_unet, call, regions, rule="error")
+
+
+def test_plan_rows_borrow_the_concept_chunk():
+    assert plan_rows(4, [1, 0], [False, True]) == ((2, 3), (0, 1, 0, 1))
+    assert plan_rows(2, [1], [False]) == ((), (-1, -1))
