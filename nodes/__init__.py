@@ -1,8 +1,9 @@
 """ComfyUI nodes: thin wrappers over core/, one file per technique family."""
+from .compose import ApplyRegions, ConceptRegion
 from .extract import ApplyConcepts, ExtractMasks, LearnConcepts
 from .inspect import AttentionHeatmaps, RecordAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals
 from .localize import ApplyResidualsLocalized
 
 NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
-         RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts]
+         RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts, ConceptRegion, ApplyRegions]

@@ -6,12 +6,16 @@ DIFFUSION_MODEL wrapper, so nothing outlives the call and the per-call state liv
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..layouts import find_sites
 from ..localize import ResidualGate, cfg_plan
 from ..residuals import ResidualSet, to_state_dict
 from ..tokens import word_positions
+
+log = logging.getLogger(__name__)
 
 DIFFUSION_MODEL = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 WRAPPER_KEY = "comfyui-concepts"
@@ -230,4 +234,97 @@ def apply_recording(model_patcher, record):
     m = model_patcher.clone()
     m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY + "-record", outer)
     m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY + "-record", wrapper)
+    return m
+
+
+def model_modules(model_patcher) -> dict:
+    """{ldm module path: module} for every layer with a weight in the model's UNet (ComfyUI names are ldm paths)."""
+    unet = model_patcher.model.diffusion_model
+    return {name: m for name, m in unet.named_modules() if getattr(m, "weight", None) is not None}
+
+
+def regions_wrappers(regions, reference_cond: torch.Tensor | None, rule: str = "argmax", mask_rule: str = "median"):
+    """(OUTER_SAMPLE, DIFFUSION_MODEL) wrappers applying ``regions`` (core.regions) in every UNet call of a run.
+
+    One RegionGate per sampling run (it carries the last call's masks to the next call); conditional chunks
+    whose context starts with ``reference_cond`` compute attention masks, the others borrow them.
+    """
+    from ..regions import Region, RegionGate, plan_rows
+
+    state: dict = {}
+    matched: dict = {}
+    needs_prompt = any(r.tokens for r in regions)
+
+    def outer(executor, *args, **kwargs):
+        state.clear()
+        matched.clear()
+        return executor(*args, **kwargs)
+
+    def gate_for(unet, device):
+        key = (id(unet), str(device))
+        if key not in state:
+            placed = [Region({p: _to_device(layer, device) for p, layer in r.layers.items()}, r.strength, r.tokens,
+                             None if r.mask is None else r.mask.to(device), r.name) for r in regions]
+            modules = {n: m for n, m in unet.named_modules() if getattr(m, "weight", None) is not None}
+            state[key] = RegionGate(modules, find_sites(unet), placed, rule, mask_rule)
+        return state[key]
+
+    def note_aspect(hw):
+        for r in regions:
+            if r.mask is not None and ("aspect", r.name) not in state:
+                state[("aspect", r.name)] = True
+                mh, mw = r.mask.shape[-2:]
+                if abs(mh / mw - hw[0] / hw[1]) > 0.02:
+                    log.warning("region '%s': its %dx%d mask is stretched to the %dx%d latent (another aspect "
+                                "ratio); draw the mask on an image of the output's size", r.name, mw, mh, hw[1], hw[0])
+
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        gate = gate_for(executor.class_obj, x.device)
+        gate.set_latent_hw(tuple(x.shape[-2:]))
+        note_aspect(tuple(x.shape[-2:]))
+        cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
+        rows, borrow = (), ()
+        if needs_prompt:
+            uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
+            size = x.shape[0] // len(cond_or_uncond)
+            chunks = []
+            for c, kind in enumerate(cond_or_uncond):
+                key = uuids[c]
+                if kind != 0:
+                    chunks.append(False)
+                elif key is not None and key in matched:
+                    chunks.append(matched[key])
+                else:
+                    hit = _matches(context[c * size], reference_cond)
+                    if key is not None:
+                        matched[key] = hit
+                    chunks.append(hit)
+            if 0 in cond_or_uncond and not any(chunks):
+                raise ConditioningMismatchError(
+                    "Apply Regions: the sampler's positive conditioning is not the prompt this node encoded, so the "
+                    "regions' words cannot be found. Connect the node's 'positive' output to the sampler.")
+            rows, borrow = plan_rows(x.shape[0], cond_or_uncond, chunks)
+        gate.begin_call(rows, borrow)
+        with gate:
+            out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        gate.check_text_side()
+        return out
+
+    return outer, wrapper
+
+
+def _to_device(layer, device):
+    import copy
+
+    placed = copy.copy(layer)
+    placed.down, placed.up = layer.down.to(device), layer.up.to(device)
+    return placed
+
+
+def apply_regions(model_patcher, regions, reference_cond, rule="argmax", mask_rule="median"):
+    """A clone applying ``regions`` in one pass per step; other wrappers stay in place."""
+    outer, wrapper = regions_wrappers(regions, reference_cond, rule, mask_rule)
+    m = model_patcher.clone()
+    m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY + "-regions", outer)
+    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY + "-regions", wrapper)
     return m

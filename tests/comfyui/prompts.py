@@ -71,6 +71,12 @@ def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_nam
             ins["save_name"] = save_name
         elif kind == "ConceptsLoadResiduals" and residual_name is not None:
             ins["residual_name"] = residual_name
+        elif kind == "ConceptsRegion" and residual_name is not None and ins.get("lora_name", "none") != "none":
+            ins["lora_name"] = residual_name
+        elif kind == "SolidMask":
+            ins.update(width=size * ins["width"] // 512, height=size * ins["height"] // 512)
+        elif kind == "MaskComposite":
+            ins.update(x=size * ins["x"] // 512, y=size * ins["y"] // 512)
         ins.update(node_inputs.get(kind, {}))
     if save_name == "":  # no file wanted: drop the Save Residuals node
         p = {k: v for k, v in p.items() if v["class_type"] != "ConceptsSaveResiduals"}

@@ -1,0 +1,133 @@
+"""Compose in a real ComfyUI: regions of learned residuals and LoRA files in one pass, against ComfyUI's own."""
+import pytest
+import torch
+
+from . import harness
+from .prompts import (
+    CKPT,
+    EMPTY_LATENT,
+    KSAMPLER,
+    NEGATIVE,
+    POSITIVE,
+    SAVE_LATENT,
+    insert_model_node,
+    node_id,
+    stock_t2i_prompt,
+    workflow_prompt,
+)
+from .test_learn_localize import train
+
+SD15, SDXL = harness.SD15_CKPT, harness.SDXL_CKPT
+TEXT = "a photo of a sks toy and a cat on the beach"
+
+
+@pytest.fixture(scope="module")
+def sd15_lora(comfy_server):
+    return train(comfy_server, SD15, "tests/compose_sd15")[0]
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(comfy_server):
+    return train(comfy_server, SDXL, "tests/compose_sdxl")[0]
+
+
+def latent(server, prompt):
+    return server.read_latent(harness.output_refs(server.run(prompt), "latents")[0])
+
+
+def with_regions(base, regions, text=TEXT, overlap="argmax", prefix="reg"):
+    """``base`` with Apply Regions between the checkpoint and the KSampler; ``regions``: Concept Region inputs."""
+    p = insert_model_node(base, "40", "ConceptsApplyRegions", {
+        "clip": [CKPT, 1], "regions": ["50", 0], "text": text, "overlap": overlap, "mask_rule": "median"})
+    p[KSAMPLER]["inputs"]["positive"] = ["40", 1]
+    prev = None
+    for i, inputs in enumerate(regions):
+        nid = str(50 + i) if i == 0 else str(60 + i)
+        ins = dict({"strength": 1.0, "words": "", "lora_name": "none"}, **inputs)
+        if prev:
+            ins["regions"] = [prev, 0]
+        p[nid] = {"class_type": "ConceptsRegion", "inputs": ins}
+        prev = nid
+    p["40"]["inputs"]["regions"] = [prev, 0]
+    p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/{prefix}"
+    return p
+
+
+def solid(value, size=64):
+    return {"class_type": "SolidMask", "inputs": {"value": value, "width": size, "height": size}}
+
+
+def test_a_full_mask_lora_region_matches_loraloader_and_comfys_hooked_lora(comfy_server, sd15_lora):
+    base = stock_t2i_prompt(SD15, seed=21, positive=TEXT, prefix="full_base")
+    ours = with_regions(base, [{"lora_name": sd15_lora, "strength": 0.8, "mask": ["70", 0]}], prefix="full_ours")
+    ours["70"] = solid(1.0)
+    stock = insert_model_node(base, "20", "LoraLoaderModelOnly", {"lora_name": sd15_lora, "strength_model": 0.8})
+    stock[SAVE_LATENT]["inputs"]["filename_prefix"] = "latents/full_stock"
+    hooked = stock_t2i_prompt(SD15, seed=21, positive=TEXT, prefix="full_hooked")
+    hooked["80"] = {"class_type": "CreateHookLora", "inputs": {"lora_name": sd15_lora, "strength_model": 0.8,
+                                                                "strength_clip": 0.0}}
+    hooked["81"] = solid(1.0)
+    hooked["82"] = {"class_type": "PairConditioningSetProperties", "inputs": {
+        "positive_NEW": [POSITIVE, 0], "negative_NEW": [NEGATIVE, 0], "strength": 1.0, "set_cond_area": "default",
+        "mask": ["81", 0], "hooks": ["80", 0]}}
+    hooked[KSAMPLER]["inputs"].update(positive=["82", 0], negative=["82", 1])
+    lat = {k: latent(comfy_server, p) for k, p in (("base", base), ("ours", ours), ("stock", stock),
+                                                    ("hooked", hooked))}
+    scale = float(lat["base"].abs().max())
+    assert not torch.allclose(lat["ours"], lat["base"], atol=1e-3 * scale)
+    for other in ("stock", "hooked"):  # forward-time W x + dW x against merged (W + dW) x: rounding only
+        assert torch.allclose(lat["ours"], lat[other], atol=1e-4 * scale, rtol=1e-4), other
+
+
+def test_strength_zero_region_is_the_base_latent_exactly(comfy_server, sd15_lora):
+    base = stock_t2i_prompt(SD15, seed=22, positive=TEXT, prefix="zero_base")
+    ours = with_regions(base, [{"lora_name": sd15_lora, "strength": 0.0, "words": "cat"},
+                               {"residuals": ["71", 0], "strength": 0.0, "mask": ["70", 0]}], prefix="zero_ours")
+    ours["70"] = solid(1.0)
+    ours["71"] = {"class_type": "ConceptsLoadResiduals", "inputs": {"residual_name": sd15_lora}}
+    assert latent(comfy_server, base).equal(latent(comfy_server, ours))
+
+
+def test_word_and_mask_regions_with_sampler_custom_advanced_on_sdxl(comfy_server, sdxl_lora):
+    p = with_regions(stock_t2i_prompt(SDXL, seed=3, positive=TEXT, prefix="sca"),
+                     [{"residuals": ["71", 0]}, {"lora_name": sdxl_lora, "strength": 0.5, "mask": ["70", 0]}])
+    p["70"] = solid(1.0, 32)  # another size than the latent: resized
+    p["71"] = {"class_type": "ConceptsLoadResiduals", "inputs": {"residual_name": sdxl_lora}}
+    p["30"] = {"class_type": "CFGGuider", "inputs": {"model": ["40", 0], "positive": ["40", 1],
+                                                     "negative": [NEGATIVE, 0], "cfg": 5.0}}
+    p["31"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    p["32"] = {"class_type": "BasicScheduler", "inputs": {"model": ["40", 0], "scheduler": "normal", "steps": 2,
+                                                          "denoise": 1.0}}
+    p["33"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}}
+    p["34"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["33", 0], "guider": ["30", 0],
+                                                                 "sampler": ["31", 0], "sigmas": ["32", 0],
+                                                                 "latent_image": [EMPTY_LATENT, 0]}}
+    p[SAVE_LATENT]["inputs"]["samples"] = ["34", 0]
+    del p[KSAMPLER]
+    p[node_id(p, "VAEDecode")]["inputs"]["samples"] = ["34", 0]
+    assert harness.output_refs(comfy_server.run(p), "images")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("word", "the word 'dog' is not in the prompt"),
+    ("family", "was made for Stable Diffusion XL but the model is Stable Diffusion 1.x"),
+    ("overlap", "overlap on"),
+    ("empty", "the region's mask is empty"),
+])
+def test_compose_errors_say_what_to_fix(comfy_server, sd15_lora, sdxl_lora, case, message):
+    base = stock_t2i_prompt(SD15, seed=1, positive=TEXT, prefix="err")
+    regions = {
+        "word": [{"lora_name": sd15_lora, "words": "dog"}],
+        "family": [{"lora_name": sdxl_lora, "words": "cat"}],
+        "overlap": [{"lora_name": sd15_lora, "mask": ["70", 0]}, {"lora_name": sd15_lora, "mask": ["70", 0]}],
+        "empty": [{"lora_name": sd15_lora, "mask": ["72", 0]}],
+    }[case]
+    p = with_regions(base, regions, overlap="error")
+    p["70"], p["72"] = solid(1.0), solid(0.0)
+    err = comfy_server.run_expect_error(p)
+    assert message in err, err
+
+
+def test_compose_workflow_runs(comfy_server, sd15_lora):
+    out = comfy_server.run(workflow_prompt("compose_regions", SD15, residual_name=sd15_lora))
+    assert harness.output_refs(out, "images")
