@@ -131,3 +131,41 @@ def test_compose_errors_say_what_to_fix(comfy_server, sd15_lora, sdxl_lora, case
 def test_compose_workflow_runs(comfy_server, sd15_lora):
     out = comfy_server.run(workflow_prompt("compose_regions", SD15, residual_name=sd15_lora))
     assert harness.output_refs(out, "images")
+
+
+@pytest.fixture(scope="module")
+def kohya_lora(comfy_server):
+    """A kohya-named LoRA on text-side K/V, attn1, ff and a 3x3 LoCon conv of the tiny SD1.5 model."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"input_blocks_1_1_transformer_blocks_0_attn2_to_k": (320, 768),
+              "middle_block_1_transformer_blocks_0_attn2_to_v": (320, 768),
+              "output_blocks_1_1_transformer_blocks_0_attn1_to_q": (320, 320),
+              "output_blocks_0_1_transformer_blocks_0_ff_net_2": (320, 1280),
+              "input_blocks_1_0_in_layers_2": (320, 320, 3, 3)}
+    sd = {}
+    for name, shape in shapes.items():
+        r = 4
+        down = torch.randn(r, *shape[1:], generator=gen) * 0.05
+        up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.05
+        sd.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                   f"lora_unet_{name}.alpha": torch.tensor(2.0)})
+    path = comfy_server.base_dir / "models" / "loras" / "tests" / "kohya_kv.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return "tests/kohya_kv.safetensors"
+
+
+def test_a_kohya_lora_with_text_side_kv_and_locon_matches_loraloader_at_full_mask(comfy_server, kohya_lora):
+    base = stock_t2i_prompt(SD15, seed=23, positive=TEXT, prefix="kv_base")
+    ours = with_regions(base, [{"lora_name": kohya_lora, "strength": 1.0, "mask": ["70", 0]}], prefix="kv_ours")
+    ours["70"] = solid(1.0)
+    stock = insert_model_node(base, "20", "LoraLoaderModelOnly", {"lora_name": kohya_lora, "strength_model": 1.0})
+    stock[SAVE_LATENT]["inputs"]["filename_prefix"] = "latents/kv_stock"
+    word = with_regions(base, [{"lora_name": kohya_lora, "words": "cat"}], prefix="kv_word")
+    lat = {k: latent(comfy_server, p) for k, p in (("base", base), ("ours", ours), ("stock", stock), ("word", word))}
+    scale = float(lat["base"].abs().max())
+    assert not torch.allclose(lat["stock"], lat["base"], atol=1e-3 * scale)
+    assert torch.allclose(lat["ours"], lat["stock"], atol=1e-4 * scale, rtol=1e-4)
+    assert not torch.allclose(lat["word"], lat["ours"], atol=1e-3 * scale)  # a word region is not everywhere

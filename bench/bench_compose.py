@@ -1,0 +1,140 @@
+"""Benchmark for "Compose": region-limited LoRAs in one pass against plain sampling and ComfyUI's own ways.
+
+    COMFYUI_PATH=... $COMFYUI_PYTHON bench/bench_compose.py [--size 128] [--steps 3] [--repeats 2] [--rank 16]
+
+In one process (ComfyUI in-process, full-size random SD1.5), interleaved round-robin, median time per sampling step:
+- base: plain sampling;
+- ours k (k = 1, 2, 4): Apply Regions with k random LoRAs (kohya's usual targets: attn1/attn2 q, k, v, out, ff,
+  proj_in/out; rank ``--rank``), each limited to one of k vertical strips;
+- hooks k: ComfyUI's hook-based masked LoRAs (each strip's positive conditioning carries its LoRA as a hook;
+  ComfyUI runs one UNet pass per hook group);
+- per-region samplers k: k sampling runs with one LoRA each (LoraLoader), composited afterwards: k x the time of
+  one LoRA-patched run (measured once, multiplied).
+Prints each ÷ base; the target is ours 4 <= 1.15.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_learn_localize as B  # noqa: E402  (shares the ComfyUI setup and checkpoint helpers)
+
+TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+           "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+
+def random_lora_sd(model, rank: int, seed: int) -> dict:
+    """A generic-key LoRA state dict on the usual kohya targets of this model, small random factors."""
+    import torch
+    from comfyui_concepts.core.patching.comfy import model_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path, m in model_modules(model).items():
+        if not path.endswith(TARGETS):
+            continue
+        w = m.weight
+        key = f"diffusion_model.{path}"
+        down = torch.randn(rank, *w.shape[1:], generator=gen) * 0.01
+        up = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=gen) * 0.01
+        sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                   f"{key}.alpha": torch.tensor(float(rank))})
+    return sd
+
+
+def strips(k: int, size: int):
+    import torch
+
+    masks = []
+    for i in range(k):
+        m = torch.zeros(size, size)
+        m[:, i * size // k:(i + 1) * size // k] = 1
+        masks.append(m)
+    return masks
+
+
+def run(args):
+    import comfy.hooks
+    import comfy.lora
+    import comfy.sample
+    import torch
+    from comfyui_concepts.core import lora_files as L
+    from comfyui_concepts.core.patching.comfy import apply_regions, model_family
+    from comfyui_concepts.core.regions import Region
+
+    base, clip, _ = B.load(args.ckpt)
+    text = "a photo of a dog and a cat and a bird and a horse"
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    family = model_family(base)
+    spec = L.spec_from_unet_config(base.model.model_config.unet_config, family)
+    sds = [random_lora_sd(base, args.rank, seed) for seed in range(4)]
+    layers = [L.read_lora(sd, family=family, spec=spec).layers for sd in sds]
+    setups = {"base": (base, positive)}
+    for k in (1, 2, 4):
+        regions = [Region(layers[i], 1.0, mask=m, name=f"lora {i}") for i, m in enumerate(strips(k, args.size))]
+        setups[f"ours {k}"] = (apply_regions(base, regions, None, "argmax"), positive)
+        conds = []
+        for i, m in enumerate(strips(k, args.size // 8)):
+            hooks = comfy.hooks.create_hook_lora(sds[i], 1.0, 0.0)
+            conds += comfy.hooks.set_conds_props([positive], 1.0, "default", mask=m[None], hooks=hooks)[0]
+        setups[f"hooks {k}"] = (base, conds)
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    patched = base.clone()
+    patched.add_patches(comfy.lora.load_lora(sds[0], key_map), 1.0)
+    setups["one LoRA run"] = (patched, positive)
+
+    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    times = {m: [] for m in setups}
+
+    def sample(mode, steps):
+        stamps = []
+
+        def callback(step, x0, x, total):
+            B.sync()
+            stamps.append(time.perf_counter())
+
+        model, pos = setups[mode]
+        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", pos, negative, latent, seed=0,
+                            disable_pbar=True, callback=callback)
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    for mode in setups:
+        sample(mode, 2)  # warm-up: weights, patches, hooks
+    for _ in range(args.repeats):
+        for mode in setups:
+            times[mode].append(sample(mode, args.steps))
+    med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"# bench: compose | {device} | {Path(args.ckpt).name} | {args.size}px | rank {args.rank} | "
+          f"{sum(len(x) for x in layers[:1])} LoRA layers each | torch {torch.__version__}")
+    for m in setups:
+        print(f"{m:14s}: {med[m] * 1000:8.1f} ms/step  ÷ base {med[m] / med['base']:.3f}  "
+              f"(runs: {', '.join(f'{t * 1000:.0f}' for t in times[m])})")
+    for k in (1, 2, 4):
+        print(f"per-region samplers {k}: {k * med['one LoRA run'] / med['base']:.3f} x base per step "
+              f"(k runs of one LoRA-patched sampler)")
+    print(f"ours 4 ÷ base: {med['ours 4'] / med['base']:.3f}  (target <= 1.15); hooks 4 ÷ base: "
+          f"{med['hooks 4'] / med['base']:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (GPU: use 512)")
+    ap.add_argument("--steps", type=int, default=3, help="sampling steps per timed run")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per mode (median reported)")
+    ap.add_argument("--rank", type=int, default=16, help="rank of the random LoRAs")
+    ap.add_argument("--ckpt", default="", help=f"checkpoint path (default: {B.CKPT} in the test cache)")
+    args = ap.parse_args()
+    args.ckpt = B.ensure_checkpoint(args)
+    B.setup_comfy()
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
