@@ -372,3 +372,54 @@ def view_masks(make_views, image: torch.Tensor, masks: torch.Tensor, resolution:
     Returns (views [V, res, res, 3], masks [V, K, res, res])."""
     per = [make_views(image, masks[i:i + 1], resolution, views, seed, flip) for i in range(masks.shape[0])]
     return per[0][0], torch.stack([m for _, m in per], 1)
+
+
+HANDLE_KEY = "concepts.handle."
+
+
+def save_concepts(concepts: ConceptSet, path: str, overwrite: bool = False) -> str:
+    """One safetensors file: the shared residuals under generic LoRA keys (stock loaders read them; they log the
+    handle keys as not loaded), each handle under ``concepts.handle.<i>``, words and family in the metadata.
+    Refuses to replace an existing file unless ``overwrite``; written atomically."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from .residuals import to_state_dict
+
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or enable 'overwrite'")
+    sd = to_state_dict(concepts.residuals) if concepts.residuals is not None else {}
+    sd.update({f"{HANDLE_KEY}{i}": h.detach().float().cpu().contiguous() for i, h in enumerate(concepts.handles)})
+    meta = dict(concepts.residuals.metadata) if concepts.residuals is not None else {}
+    meta.update({"technique": "concept-set", "tokens": json.dumps(concepts.tokens),
+                 "class_words": json.dumps(concepts.class_words), "base_family": concepts.family})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(sd, tmp, metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_concepts(path: str) -> ConceptSet:
+    """The concept set ``save_concepts`` wrote (masks and losses are not stored)."""
+    import json
+
+    from safetensors import safe_open
+
+    from .residuals import ResidualFileError, from_state_dict
+
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("technique") != "concept-set":
+        raise ResidualFileError(f"{path} is not a concept set saved by Save Concepts")
+    tokens = json.loads(meta["tokens"])
+    handles = [sd[f"{HANDLE_KEY}{i}"] for i in range(len(tokens))]
+    lora = {k: v for k, v in sd.items() if not k.startswith(HANDLE_KEY)}
+    residuals = None
+    if lora:
+        rmeta = {k: v for k, v in meta.items() if k not in ("tokens", "class_words", "technique")}
+        residuals = from_state_dict(lora, rmeta)
+    return ConceptSet(tokens, handles, None, residuals, json.loads(meta.get("class_words", "[]")), [],
+                      meta.get("base_family", ""))

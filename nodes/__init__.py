@@ -1,9 +1,10 @@
 """ComfyUI nodes: thin wrappers over core/, one file per technique family."""
 from .compose import ApplyRegions, ConceptRegion
-from .extract import ApplyConcepts, ExtractMasks, LearnConcepts
+from .extract import ApplyConcepts, ExtractMasks, LearnConcepts, LoadConcepts, SaveConcepts
 from .inspect import AttentionHeatmaps, RecordAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals
 from .localize import ApplyResidualsLocalized
 
 NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
-         RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts, ConceptRegion, ApplyRegions]
+         RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts, SaveConcepts, LoadConcepts,
+         ConceptRegion, ApplyRegions]

@@ -1,10 +1,13 @@
 """Extract: concepts from one image, masks from self-attention (ConceptExpress) or from the user (Break-A-Scene)."""
 from __future__ import annotations
 
+import os
+
 import comfy.lora
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
+import folder_paths
 import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
@@ -18,7 +21,7 @@ from ..core.localize import ResidualGate
 from ..core.patching import comfy as P
 from ..core.plots import line_plot
 from ..core.tokens import find_subsequence
-from ._common import CATEGORY, checked_sites, log
+from ._common import CATEGORY, check_free, checked_sites, log, lora_path
 
 Concepts = io.Custom("CONCEPT_SET")
 
@@ -322,3 +325,52 @@ class ApplyConcepts(io.ComfyNode):
                 key_map = comfy.lora.model_lora_keys_unet(model.model, {})
                 m = P.apply_global(model, concepts.residuals, strength, {}, comfy.lora.load_lora, key_map)
         return io.NodeOutput(m, positive)
+
+
+class SaveConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsSaveConcepts",
+            display_name="Save Concepts",
+            category=f"{CATEGORY}/extract",
+            description="Saves learned concepts (handles + shared residuals) into models/loras as one file; Load "
+                        "Concepts reads it back. The stock LoraLoader reads its residuals (and logs the handle keys as "
+                        "not loaded).",
+            is_output_node=True,
+            inputs=[
+                Concepts.Input("concepts", tooltip="From Learn Concepts from One Image."),
+                io.String.Input("save_name", default="concepts/extracted",
+                                tooltip="File name under models/loras (no extension)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of the same name; off: stop with an error."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, concepts, save_name, overwrite):
+        path = lora_path(save_name)
+        check_free(path, overwrite)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        X.save_concepts(concepts, path, overwrite)
+        log.info("saved %d concepts to %s", len(concepts.tokens), path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {path}: {', '.join(concepts.tokens)}"))
+
+
+class LoadConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsLoadConcepts",
+            display_name="Load Concepts",
+            category=f"{CATEGORY}/extract",
+            description="Loads a concept set written by Save Concepts from models/loras.",
+            inputs=[io.Combo.Input("concepts_name", options=folder_paths.get_filename_list("loras"),
+                                   tooltip="A file saved by Save Concepts.")],
+            outputs=[Concepts.Output(display_name="concepts")],
+        )
+
+    @classmethod
+    def execute(cls, concepts_name):
+        return io.NodeOutput(X.load_concepts(folder_paths.get_full_path_or_raise("loras", concepts_name)))

@@ -146,3 +146,28 @@ def test_self_attention_masks_have_the_image_size(sd1_unet, vae, tokenizer, text
     img, _ = two_object_image
     masks = self_attention_masks(sd1_unet, vae, tokenizer, text_encoder, img, concepts=1, seed=0)
     assert masks.shape == (1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_a_saved_concept_set_loads_bit_identical_and_is_never_overwritten(tmp_path):
+    from core import residuals as R
+    from core.extract import ConceptSet, load_concepts, save_concepts
+    from core.layouts import TransformerSite
+
+    sites = [TransformerSite("input_blocks.1.1", 32, False, 1)]
+    rs = R.init_residuals(sites, seed=0, metadata={"base_family": "SD1"})
+    cs = ConceptSet(["sks", "ohwx"], [torch.randn(1, 32), torch.randn(2, 32)], None, rs, ["dog", ""], [], "SD1")
+    path = str(tmp_path / "set.safetensors")
+    save_concepts(cs, path)
+    back = load_concepts(path)
+    assert back.tokens == cs.tokens and back.class_words == cs.class_words and back.family == "SD1"
+    assert all(torch.equal(a, b) for a, b in zip(back.handles, cs.handles, strict=True))
+    key = next(iter(rs.layers))
+    layer, again = rs.layers[key], back.residuals.layers[key]
+    assert torch.equal(layer.down, again.down) and torch.equal(layer.up, again.up)
+    before = open(path, "rb").read()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_concepts(cs, path)
+    assert open(path, "rb").read() == before
+    with pytest.raises(ValueError, match="not a concept set"):
+        R.save(rs, str(tmp_path / "plain.safetensors"))
+        load_concepts(str(tmp_path / "plain.safetensors"))
