@@ -1,5 +1,6 @@
 """ComfyUI nodes: thin wrappers over core/, one file per technique family."""
 from .compose import ApplyRegions, ConceptRegion
+from .compose_extra import FreeCustom, MergeCustomDiffusion, T2IZeroCorrection, T2IZeroNMS, TrainCustomDiffusion
 from .extract import ApplyConcepts, ExtractMasks, LearnConcepts, LoadConcepts, SaveConcepts
 from .inspect import AttentionHeatmaps, RecordAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals
@@ -7,4 +8,5 @@ from .localize import ApplyResidualsLocalized
 
 NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
          RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts, SaveConcepts, LoadConcepts,
-         ConceptRegion, ApplyRegions]
+         ConceptRegion, ApplyRegions,
+         TrainCustomDiffusion, MergeCustomDiffusion, FreeCustom, T2IZeroCorrection, T2IZeroNMS]

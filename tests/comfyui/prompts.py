@@ -67,6 +67,10 @@ def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_nam
             ins.update(handle_steps=train_steps, joint_steps=train_steps, resolution=size, views=1, batch_size=1)
         elif kind in ("ConceptsTrainSlider", "ConceptsTrainEsd"):
             ins.update(steps=train_steps, resolution=size, batch_size=1)
+        elif kind == "ConceptsTrainCustomDiffusion":
+            ins.update(steps=train_steps, resolution=size, views=1, batch_size=1)
+        elif kind == "ConceptsFreeCustom":
+            ins.update(resolution=size)
         elif kind == "ConceptsSaveResiduals" and save_name is not None:
             ins["save_name"] = save_name
         elif kind == "ConceptsLoadResiduals" and residual_name is not None:
