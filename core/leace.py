@@ -1,0 +1,129 @@
+"""LEACE: perfect linear concept erasure in closed form (Belrose et al., NeurIPS 2023), on text conditioning.
+
+From features X [n, d] and concept labels Z [n, k]: with the covariance Sigma_XX, the whitening
+W = (Sigma_XX^{1/2})^+ and P the orthogonal projection onto the column space of W Sigma_XZ, the eraser
+
+    r(x) = x - W^+ P W (x - mu)
+
+makes the cross-covariance of r(X) with Z exactly zero (so no linear probe beats a constant predictor) while
+moving X as little as possible in the mean-squared (Mahalanobis) sense. Text conditioning [B, L, D] is erased
+row by row with one eraser fitted on the rows of every token position pooled (a concept word changes its own
+row and, through the causal text encoder, every later row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LeaceEraser:
+    """x -> x - (x - mean) @ projection^T, with ``projection`` = W^+ P W (rank = the concept's rank).
+
+    Pooled: mean [d], projection [d, d], the same for every row. Per position: mean [L, d], projection [L, d, d],
+    row i of a conditioning erased by eraser i (rows past L are left alone).
+    """
+
+    mean: torch.Tensor
+    projection: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """The rank of the edit (per position: the largest over positions)."""
+        return int(torch.linalg.matrix_rank(self.projection.double(), rtol=1e-6).max().item())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Erase the last dimension of ``x`` (any leading shape); returns a new tensor of x's dtype."""
+        if x.shape[-1] != self.mean.shape[-1]:
+            raise ValueError(f"the eraser was fitted on {self.mean.shape[-1]}-wide features but these are "
+                             f"{x.shape[-1]} wide: fit it with the same text encoder")
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        p = self.projection.to(x.device, work)
+        mu = self.mean.to(x.device, work)
+        xf = x.to(work)
+        if self.mean.dim() == 1:
+            return (xf - (xf - mu) @ p.T).to(x.dtype)
+        n = min(mu.shape[0], x.shape[-2])
+        head = xf[..., :n, :]
+        erased = head - torch.einsum("...ld,lkd->...lk", head - mu[:n], p[:n])
+        return torch.cat([erased, xf[..., n:, :]], dim=-2).to(x.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"leace.mean": self.mean.contiguous(), "leace.projection": self.projection.contiguous()}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> LeaceEraser:
+        return cls(sd["leace.mean"], sd["leace.projection"])
+
+
+def as_labels(z: torch.Tensor) -> torch.Tensor:
+    """Labels [n] (classes or a 0/1 concept flag) or [n, k] -> float64 [n, k]."""
+    return (z[:, None] if z.dim() == 1 else z).double()
+
+
+def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8) -> LeaceEraser:
+    """Fit the LEACE eraser (Belrose et al. 2023, Thm. 4.3) to features ``x`` [n, d] and labels ``z`` [n] / [n, k]."""
+    if x.shape[0] != z.shape[0]:
+        raise ValueError(f"{x.shape[0]} feature rows but {z.shape[0]} labels")
+    if x.shape[0] < 2:
+        raise ValueError("fit LEACE on at least two examples, with and without the concept")
+    xd, zd = x.double(), as_labels(z)
+    if (zd.std(0) == 0).all():
+        raise ValueError("every example has the same concept label: give examples with and without the concept")
+    mu = xd.mean(0)
+    xc, zc = xd - mu, zd - zd.mean(0)
+    n = xd.shape[0]
+    sigma = xc.T @ xc / (n - 1)
+    cross = xc.T @ zc / (n - 1)  # [d, k]
+    evals, evecs = torch.linalg.eigh(sigma)
+    if evals.max() <= 1e-12 * (mu.abs().max() ** 2).clamp_min(1e-300):  # constant features (e.g. the start token)
+        return LeaceEraser(mu.float(), torch.zeros_like(sigma, dtype=torch.float32))
+    keep = evals > rtol * evals.max()
+    v, lam = evecs[:, keep], evals[keep]
+    whiten = v @ torch.diag(lam.rsqrt()) @ v.T  # (Sigma^{1/2})^+
+    unwhiten = v @ torch.diag(lam.sqrt()) @ v.T  # Sigma^{1/2} = W^+
+    u, s, _ = torch.linalg.svd(whiten @ cross, full_matrices=False)
+    u = u[:, s > rtol ** 0.5 * s.max().clamp_min(1e-300)]
+    projection = unwhiten @ (u @ u.T) @ whiten
+    return LeaceEraser(mu.float(), projection.float())
+
+
+def conditioning_rows(cond: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditioning [B, L, D] with one label per prompt -> every token row [B*L, D] with its prompt's label."""
+    b, length, _ = cond.shape
+    z = as_labels(labels)
+    if z.shape[0] != b:
+        raise ValueError(f"{b} prompts but {z.shape[0]} labels")
+    return cond.reshape(b * length, -1), z.repeat_interleave(length, 0)
+
+
+def fit_on_conditioning(concept: torch.Tensor, neutral: torch.Tensor, per_position: bool = False) -> LeaceEraser:
+    """An eraser from encodings of prompts with the concept [B1, L, D] and without it [B2, L, D].
+
+    Pooled (default): one eraser for the rows of every position, for prompts of any wording. ``per_position``:
+    one eraser per token position, much stronger when the prompts to erase follow the fitting prompts' template
+    (the same words at the same positions), meaningless otherwise.
+    """
+    if concept.shape[1:] != neutral.shape[1:]:
+        raise ValueError("the prompts with and without the concept must be encoded to the same shape")
+    cond = torch.cat([concept, neutral])
+    labels = torch.cat([torch.ones(concept.shape[0]), torch.zeros(neutral.shape[0])])
+    if not per_position:
+        return fit_leace(*conditioning_rows(cond, labels))
+    erasers = [fit_leace(cond[:, i], labels) for i in range(cond.shape[1])]
+    return LeaceEraser(torch.stack([e.mean for e in erasers]), torch.stack([e.projection for e in erasers]))
+
+
+def least_squares_probe(x: torch.Tensor, z: torch.Tensor, rcond: float = 1e-6) -> torch.Tensor:
+    """Weights [d + 1, k] of the least-squares probe z ~ [x, 1] (the attacker LEACE is optimal against).
+
+    Minimum-norm solution at numerical rank ``rcond``: the direction LEACE collapses keeps a rounding-level
+    remnant of the labels, which an unregularised solve would blow up by 1e13.
+    """
+    xd = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    return torch.linalg.lstsq(xd, as_labels(z), rcond=rcond, driver="gelsd").solution
+
+
+def probe_predict(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1) @ weights

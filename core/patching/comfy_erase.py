@@ -1,0 +1,116 @@
+"""The ComfyUI backend of the erase family. Duck-typed, never imports comfy: the nodes hand in ComfyUI's own
+functions (the LoRA loader, calc_cond_batch) where one is needed.
+
+- closed-form edit: the K/V weights are read from the model; the edit goes back as LoRA weight patches through
+  ComfyUI's own loader (``apply_global``, what LoraLoader does with the saved file), on a clone;
+- steering: a ``sampler_post_cfg_function`` (a list ComfyUI chains, so other CFG patches keep working) that runs
+  one more prediction for the concept prompt;
+- sliders: the residual gate installed for each UNet call by a DIFFUSION_MODEL wrapper, off before the start step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..erase import cross_attention_projections
+from ..layouts import find_sites
+from ..localize import CallPlan, ResidualGate
+from ..residuals import ResidualSet
+from ..steering import steer_denoised
+from .comfy import DIFFUSION_MODEL, prompt_token_ids
+
+SLIDER_WRAPPER_KEY = "comfyui-concepts-slider"
+
+
+def word_encoder(clip):
+    """``encode(text) -> ([L, D] conditioning rows, number of word tokens)`` with the CLIP as CLIPTextEncode runs
+    it (SDXL: both encoders, concatenated). Only the first 77-token chunk is used (a word list fits in it)."""
+    end = prompt_token_ids(clip, "")[1]
+
+    def encode(text):
+        ids = prompt_token_ids(clip, text)
+        with torch.no_grad():
+            cond = clip.encode_from_tokens(clip.tokenize(text))
+        return cond[0, :77].float().cpu(), ids.index(end) - 1
+    return encode
+
+
+def kv_weights(model_patcher) -> list[tuple[str, torch.Tensor]]:
+    """(ldm name, weight) of every cross-attention K/V projection of the model (read only)."""
+    sites = find_sites(model_patcher.model.diffusion_model)
+    return [(name, layer.weight) for name, layer in cross_attention_projections(sites)]
+
+
+def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: float, sigma_range, calc_cond_batch,
+                      encode_model_conds):
+    """A ``sampler_post_cfg_function`` steering the guided result away from ``concept_cond`` (converted ComfyUI
+    conditioning) between ``sigma_range`` = (start sigma, end sigma); outside it, and at scale 0, the result is
+    passed through untouched."""
+    start, end = sigma_range
+
+    def post_cfg(args):
+        denoised = args["denoised"]
+        sigma = args["sigma"]
+        uncond = args["uncond_denoised"]
+        if scale == 0.0 or uncond is None:
+            return denoised
+        s = float(sigma.max())
+        if not end <= s <= start:
+            return denoised
+        x, model = args["input"], args["model"]
+        concept = encode_model_conds(model.extra_conds, concept_cond, x, x.device, "negative")
+        (concept_denoised,) = calc_cond_batch(model, [concept], x, sigma, args["model_options"])
+        return steer_denoised(denoised, x, sigma, args["cond_denoised"], uncond, concept_denoised, scale,
+                              args["cond_scale"], cfg_mode, threshold)
+    return post_cfg
+
+
+def add_steering(model_patcher, post_cfg):
+    """A clone with the steering appended to the post-CFG chain; CFG 1 still computes the unconditional half."""
+    m = model_patcher.clone()
+    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
+    return m
+
+
+def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
+    """A DIFFUSION_MODEL wrapper adding ``strength`` * the residual for UNet calls at sigma <= ``start_sigma``
+    (the sliders paper's delayed start) and the base model before."""
+    placed: dict = {}
+    constants: dict = {}
+
+    def on_device(device):
+        if device not in placed:
+            layers = {k: type(v)(v.down.to(device), v.up.to(device), v.alpha, v.conv) for k, v in rs.layers.items()}
+            placed[device] = ResidualSet(layers, rs.metadata)
+        return placed[device]
+
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        active = True
+        if start_sigma != float("inf") and "sigmas" in transformer_options:
+            active = float(transformer_options["sigmas"].max()) <= start_sigma
+        if not active or strength == 0.0:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        gate = ResidualGate(find_sites(executor.class_obj), on_device(x.device), strength, cache=constants)
+        gate.plan = CallPlan(active=True)
+        with gate:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    return wrapper
+
+
+def apply_slider(model_patcher, wrapper):
+    m = model_patcher.clone()
+    m.add_wrapper_with_key(DIFFUSION_MODEL, SLIDER_WRAPPER_KEY, wrapper)
+    return m
+
+
+def guided_predict(guider, model_options, gate: ResidualGate, sigma_table: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, calc_cond_batch):
+    """``predict(x_t, t, prompt, residual)`` for core.sliders.train_guided inside a ComfyUI guider whose conds are
+    the slider's prompts; returns ComfyUI's denoised x0 (prediction kind ``x0``)."""
+
+    def predict(x_t, t, prompt, residual):
+        gate.plan = CallPlan(active=residual)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        (x0,) = calc_cond_batch(guider.inner_model, [guider.conds[prompt]], x_t / a.sqrt(), sigma_table[t],
+                                model_options)
+        return x0
+    return predict

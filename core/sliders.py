@@ -1,0 +1,119 @@
+"""Concept sliders (Gandikota et al., ECCV 2024) and ESD-style erasure (Gandikota et al., ICCV 2023): a residual
+set trained so that the model *with* the residual, on one prompt, predicts a guided combination of the frozen
+model's predictions on others.
+
+    slider:  eps'(x_t, c_neutral) -> eps(x_t, c_neutral) + eta (eps(x_t, c_plus) - eps(x_t, c_minus))
+    ESD:     eps'(x_t, c_erase)   -> eps(x_t, c_erase)   - eta (eps(x_t, c_erase) - eps(x_t, empty))
+
+ESD is the slider objective with neutral = minus = the erased prompt and plus = the empty prompt, so one
+trainer serves both. The residual is the pack's low-rank ``proj_out`` residual set (core.residuals), applied
+globally by ``ResidualGate``: a slider at strength s adds s * Delta W, so strength 0 is the base model exactly
+and a negative strength turns the attribute down.
+
+Samples x_t: each step draws pure noise, takes the frozen model's x0 estimate for the neutral prompt and noises
+it again to a random timestep: a one-evaluation stand-in for the paper's partial denoising, on the model's own
+distribution, with no images.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+
+from .training import TrainConfig, TrainingDivergedError, convert_prediction, diffusion_loss
+
+PROMPTS = ("neutral", "plus", "minus")
+
+
+class SliderPromptError(ValueError):
+    """A slider's positive and negative prompts that do not differ in exactly one word."""
+
+
+def slider_words(positive: str, negative: str) -> tuple[str, str]:
+    """The one word in which ``positive`` and ``negative`` differ (a word may be missing on one side, returned as
+    ''); raises SliderPromptError naming every difference otherwise. Case and spacing do not count."""
+    a, b = positive.lower().split(), negative.lower().split()
+    ops = [op for op in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if not ops:
+        raise SliderPromptError(f"the positive and negative prompts are the same (\"{positive}\"): a slider needs "
+                                "two prompts that differ in the attribute, e.g. 'an old person' / 'a young person'")
+    changes = [(" ".join(a[i1:i2]), " ".join(b[j1:j2])) for _, i1, i2, j1, j2 in ops]
+    if len(ops) > 1 or any(len(p.split()) > 1 or len(n.split()) > 1 for p, n in changes):
+        listed = "; ".join(f"'{p}' vs '{n}'" for p, n in changes)
+        raise SliderPromptError(
+            f"the positive and negative prompts differ in more than one word ({listed}): a slider learns one "
+            "attribute, so write two prompts that differ only in it, e.g. 'a photo of an old person' / "
+            "'a photo of a young person' (articles count as words: keep them equal or leave them out)")
+    return changes[0]
+
+
+def neutral_prompt(positive: str, negative: str) -> str:
+    """The words both prompts share, in order (the slider's neutral prompt when none is given)."""
+    a, b = positive.split(), negative.split()
+    blocks = difflib.SequenceMatcher(a=[w.lower() for w in a], b=[w.lower() for w in b], autojunk=False)
+    return " ".join(w for m in blocks.get_matching_blocks() for w in a[m.a:m.a + m.size])
+
+
+def guided_target(neutral: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor, eta: float) -> torch.Tensor:
+    """The slider / ESD target eps(neutral) + eta (eps(plus) - eps(minus)) (Gandikota et al., Eq. 5)."""
+    return neutral + eta * (plus - minus)
+
+
+def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: torch.Tensor, eta: float,
+                 prediction: str = "eps", config: TrainConfig = TrainConfig(), progress=None, device="cpu"):
+    """Optimise ``params`` (AdamW) so the residual model follows ``guided_target``; returns the loss per step.
+
+    ``predict(x_t, t, prompt, residual)`` returns the model output of kind ``prediction`` for ``prompt`` in
+    ``PROMPTS`` with the residual on or off; ``shape`` is one latent's [C, h, w]. Deterministic per seed.
+    """
+    gen = torch.Generator().manual_seed(config.seed)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    ac = alphas_cumprod.to(device=device, dtype=torch.float32)
+    last = ac.shape[0] - 1
+    losses = []
+    for step in range(config.steps):
+        b = config.batch_size
+        noise_start = torch.randn((b, *shape), generator=gen).to(device)
+        noise = torch.randn((b, *shape), generator=gen).to(device)
+        t = torch.randint(0, ac.shape[0], (b,), generator=gen).to(device)
+        t_start = torch.full((b,), last, device=device)
+        a, a_start = ac[t], ac[t_start]
+        with torch.no_grad():
+            x_start = (1 - a_start).sqrt().view(-1, 1, 1, 1) * noise_start  # x_T of a zero-mean x0
+            x0 = convert_prediction(predict(x_start, t_start, "neutral", False), prediction, "x0", x_start, a_start)
+            x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+            base = {name: convert_prediction(predict(x_t, t, name, False), prediction, "eps", x_t, a)
+                    for name in PROMPTS}
+            target = guided_target(base["neutral"], base["plus"], base["minus"], eta)
+        pred = convert_prediction(predict(x_t, t, "neutral", True), prediction, "eps", x_t, a)
+        loss = diffusion_loss(pred, target)
+        if not math.isfinite(loss.item()):
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at step {step + 1}: lower the learning rate "
+                f"(now {config.learning_rate:g}) or train in fp32")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, config.steps, losses[-1])
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def esd_prompts(erase: str) -> dict[str, str]:
+    """ESD's prompts in slider form: eps'(c_e) -> eps(c_e) + eta (eps(empty) - eps(c_e))."""
+    if not erase.strip():
+        raise ValueError("give the concept to erase (a word or short phrase)")
+    return {"neutral": erase, "plus": "", "minus": erase}
+
+
+def slider_metadata(family: str, prompts: dict[str, str], eta: float, config: TrainConfig, technique: str):
+    meta = {"technique": technique, "base_family": family, "eta": eta, "steps": config.steps, "seed": config.seed,
+            "learning_rate": config.learning_rate, "batch_size": config.batch_size}
+    meta.update({f"prompt_{k}": v for k, v in prompts.items()})
+    return {k: str(v) for k, v in meta.items()}

@@ -1,0 +1,44 @@
+"""Steering away from a concept while sampling: negative guidance and Safe Latent Diffusion (Schramowski et al.,
+CVPR 2023), training-free, one extra prediction per step for the concept prompt.
+
+All predictions are noise predictions (epsilon) of the same x_t. With the usual CFG result
+eps = eps_u + s (eps_c - eps_u), the correction added to it is
+
+- ``negative``: -scale * (eps_s - eps_u)  (negative guidance, the target ESD trains towards);
+- ``sld``:      -s * mu * (eps_s - eps_u), with the elementwise mu = min(scale * |eps_c - eps_s|, 1) where
+  eps_c - eps_s < threshold and 0 elsewhere (SLD's guidance without its momentum term).
+
+A zero scale gives a correction of exactly zero.
+"""
+from __future__ import annotations
+
+import torch
+
+MODES = ("negative", "sld")
+SLD_PRESETS = {"weak": (200.0, 0.0), "medium": (1000.0, 0.01), "strong": (2000.0, 0.025), "max": (5000.0, 1.0)}
+
+
+def steering_correction(cond: torch.Tensor, uncond: torch.Tensor, concept: torch.Tensor, scale: float,
+                        cfg_scale: float = 1.0, mode: str = "negative", threshold: float = 0.0) -> torch.Tensor:
+    """The term to add to the CFG noise prediction to steer away from ``concept`` (see the module docstring)."""
+    if mode == "negative":
+        return -scale * (concept - uncond)
+    if mode == "sld":
+        diff = cond - concept
+        mu = torch.where(diff < threshold, (scale * diff.abs()).clamp(max=1.0), torch.zeros_like(diff))
+        return -cfg_scale * mu * (concept - uncond)
+    raise ValueError(f"unknown steering mode {mode!r}; use one of {MODES}")
+
+
+def steer_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, cond_denoised: torch.Tensor,
+                   uncond_denoised: torch.Tensor, concept_denoised: torch.Tensor, scale: float, cfg_scale: float,
+                   mode: str = "negative", threshold: float = 0.0) -> torch.Tensor:
+    """The same steering for a sampler that works with denoised x0 = x - sigma * eps (ComfyUI, k-diffusion)."""
+    s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    def eps(d):
+        return (x - d) / s
+
+    correction = steering_correction(eps(cond_denoised), eps(uncond_denoised), eps(concept_denoised), scale,
+                                     cfg_scale, mode, threshold)
+    return denoised - s * correction

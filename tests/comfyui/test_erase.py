@@ -1,0 +1,97 @@
+"""Erase in a real ComfyUI: every erase workflow runs headless; zero strength/scale is the base model exactly; the
+closed-form edit's file through the stock LoraLoader is the node's own edit; steering composes with a CFG patch."""
+import pytest
+
+from . import harness
+from .prompts import SAVE_LATENT, insert_model_node, node_id, stock_t2i_prompt, workflow_prompt
+
+SD15 = harness.SD15_CKPT
+ERASE_WORKFLOWS = ["erase_closed_form", "erase_leace", "steer_away", "train_slider", "erase_esd"]
+
+
+def latent_of(server, prompt):
+    return server.read_latent(harness.output_refs(server.run(prompt), "latents")[0])
+
+
+def with_save_latent(prompt, prefix):
+    prompt["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [node_id(prompt, "KSampler"), 0],
+                                                            "filename_prefix": f"latents/{prefix}"}}
+    return prompt
+
+
+def steer(scale, **extra):
+    return dict({"clip": ["1", 1], "concept": "red", "scale": scale, "mode": "negative", "threshold": 0.01,
+                 "start_percent": 0.0, "end_percent": 1.0}, **extra)
+
+
+@pytest.mark.parametrize("wf", ERASE_WORKFLOWS)
+def test_erase_workflow_runs_to_an_image(comfy_server, wf):
+    out = comfy_server.run(workflow_prompt(wf, SD15))
+    images = harness.output_refs(out, "images")
+    assert images and comfy_server.image_bytes(images[0])[:8] == b"\x89PNG\r\n\x1a\n", wf
+
+
+def test_steering_at_zero_scale_is_the_base_model_and_composes_with_a_cfg_patch(comfy_server):
+    base = stock_t2i_prompt(SD15, seed=5, prefix="steer_base", positive="a photo of a red car")
+    rescaled = insert_model_node(base, "30", "RescaleCFG", {"multiplier": 0.7})
+    zero = insert_model_node(rescaled, "31", "ConceptsSteerAway", steer(0.0))
+    on = insert_model_node(rescaled, "31", "ConceptsSteerAway", steer(3.0))
+    sld = insert_model_node(rescaled, "31", "ConceptsSteerAway", steer(1000.0, mode="sld"))
+    for p, tag in ((rescaled, "rescaled"), (zero, "zero"), (on, "on"), (sld, "sld")):
+        p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/steer_{tag}"
+    lat_rescaled, lat_zero, lat_on, lat_sld = (latent_of(comfy_server, p) for p in (rescaled, zero, on, sld))
+    assert lat_zero.equal(lat_rescaled)  # scale 0: exactly the model it patched
+    assert not lat_on.equal(lat_rescaled) and not lat_sld.equal(lat_rescaled)  # ... and it acts on top of it
+
+
+def test_closed_form_file_through_loraloader_is_the_nodes_edit(comfy_server):
+    name = "tests/erase_red"
+    ours = with_save_latent(workflow_prompt("erase_closed_form", SD15, ConceptsEraseClosedForm={
+        "save_name": name, "overwrite": True, "strength": 0.8}), "cf_ours")
+    edit = node_id(ours, "ConceptsEraseClosedForm")
+    stock = with_save_latent(workflow_prompt("erase_closed_form", SD15), "cf_stock")
+    stock[edit] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["1", 0], "lora_name": f"{name}.safetensors", "strength_model": 0.8}}
+    base = with_save_latent(workflow_prompt("erase_closed_form", SD15), "cf_base")
+    base[node_id(base, "KSampler")]["inputs"]["model"] = ["1", 0]
+    del base[edit]
+    lat_ours = latent_of(comfy_server, ours)
+    assert lat_ours.equal(latent_of(comfy_server, stock))
+    assert not lat_ours.equal(latent_of(comfy_server, base))
+
+
+def test_slider_and_leace_at_zero_strength_or_before_the_start_are_the_base_model_exactly(comfy_server):
+    slider0 = with_save_latent(workflow_prompt("train_slider", SD15, ConceptsApplySlider={"strength": 0.0}), "sl0")
+    slider2 = with_save_latent(workflow_prompt("train_slider", SD15, ConceptsApplySlider={
+        "strength": 20.0, "start_percent": 0.0}, ConceptsTrainSlider={"learning_rate": 0.05}), "sl2")
+    base = with_save_latent(workflow_prompt("train_slider", SD15), "sl_base")
+    base[node_id(base, "KSampler")]["inputs"]["model"] = ["1", 0]
+    for kind in ("ConceptsApplySlider", "ConceptsTrainSlider"):
+        del base[node_id(base, kind)]
+    late = with_save_latent(workflow_prompt("train_slider", SD15, ConceptsApplySlider={
+        "strength": 20.0, "start_percent": 1.0}, ConceptsTrainSlider={"learning_rate": 0.05}), "sl_late")
+    lat_base = latent_of(comfy_server, base)
+    assert latent_of(comfy_server, slider0).equal(lat_base)
+    assert not latent_of(comfy_server, slider2).equal(lat_base)
+    assert latent_of(comfy_server, late).equal(lat_base)  # before the start step the base model runs
+
+    leace0 = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"strength": 0.0}), "le0")
+    leace1 = with_save_latent(workflow_prompt("erase_leace", SD15), "le1")
+    plain = with_save_latent(workflow_prompt("erase_leace", SD15), "le_base")
+    ks = plain[node_id(plain, "KSampler")]["inputs"]
+    ks["positive"] = plain[node_id(plain, "ConceptsEraseLeace")]["inputs"]["conditioning"]
+    del plain[node_id(plain, "ConceptsEraseLeace")]
+    lat_plain = latent_of(comfy_server, plain)
+    assert latent_of(comfy_server, leace0).equal(lat_plain)
+    assert not latent_of(comfy_server, leace1).equal(lat_plain)
+
+
+def test_bad_inputs_stop_with_clear_messages(comfy_server):
+    two_words = workflow_prompt("train_slider", SD15, ConceptsTrainSlider={
+        "positive": "an old man", "negative": "a young woman"})
+    assert "more than one word" in comfy_server.run_expect_error(two_words)
+    clash = workflow_prompt("erase_closed_form", SD15, ConceptsEraseClosedForm={"erase": "red", "preserve": "red"})
+    assert "both erased and preserved" in comfy_server.run_expect_error(clash)
+    base = stock_t2i_prompt(SD15, seed=1, prefix="steer_bad")
+    late = insert_model_node(base, "31", "ConceptsSteerAway", steer(1.0, start_percent=0.8, end_percent=0.2))
+    assert "is after end_percent" in comfy_server.run_expect_error(late)
