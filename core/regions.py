@@ -78,6 +78,7 @@ class RegionGate:
         self._maps: dict[str, list[torch.Tensor | None]] = {}  # site path -> per region summed maps
         self._site_masks: dict[str, tuple[int, torch.Tensor]] = {}  # site -> (maps version, masks)
         self._version: dict[str, int] = {}
+        self._fallback: dict[int, torch.Tensor] = {}  # positions -> masks from user masks alone
         self._kv_blocks: dict[str, list[int]] = {}
         self._known_hw: list[tuple[int, int]] = []
         self._kv_region: int | None = None  # while re-running attn2 for one region's K/V deltas
@@ -130,8 +131,11 @@ class RegionGate:
 
     def begin_call(self, rows: tuple[int, ...], borrow: tuple[int, ...]) -> None:
         """Set the batch plan of the next UNet call and forget the previous call's per-site state."""
-        if rows != self.rows or borrow != self.borrow:
+        changed = rows != self.rows or borrow != self.borrow
+        if changed:
             self.memory.clear()  # another batch layout: last call's masks do not fit
+        if changed or self.token_regions:
+            self._fallback.clear()  # with user masks only it never changes: kept across calls
         self.rows, self.borrow = rows, borrow
         self._maps.clear()
         self._site_masks.clear()
@@ -184,8 +188,11 @@ class RegionGate:
                 self.memory[n] = cached[1]
             return cached[1]
         if n in self.memory:
-            return self.memory[n].to(device)
-        return self._resolve([None] * len(self.regions), n, hw, device)  # user masks only; token regions off
+            return self.memory[n]
+        cached = self._fallback.get(n)
+        if cached is None:  # user masks only (token regions off): the same for every layer of this size
+            cached = self._fallback[n] = self._resolve([None] * len(self.regions), n, hw, device)
+        return cached
 
     def _enclosing_site(self, path: str) -> str | None:
         if not self.token_regions:
