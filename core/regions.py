@@ -12,8 +12,8 @@ run (attention layouts change slowly between steps); on the first call they get 
 apply everywhere from the first call.
 
 Text-side layers (``attn2.to_k``/``to_v`` read the prompt, not the image) cannot be gated by position; for them
-the block's cross-attention runs once more per such region with only that region's K/V deltas, and the outputs
-are blended by the gate: ``out = base + sum_r g_r * (out_r - base)``.
+the block's attention is recomputed from the pass's own q, k, v with each region's K/V deltas (77 keys: cheap) and
+the differences are blended by the gates before ``to_out``: ``out = out_base + to_out_linear(sum_r g_r (a_r - a))``.
 """
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ class RegionGate:
         self._fallback: dict[int, torch.Tensor] = {}  # positions -> masks from user masks alone
         self._kv_blocks: dict[str, list[int]] = {}
         self._known_hw: list[tuple[int, int]] = []
-        self._kv_region: int | None = None  # while re-running attn2 for one region's K/V deltas
         self._attn2_ran: set[str] = set()
         self._handles: list = []
         self._site_of = {}
@@ -107,14 +106,16 @@ class RegionGate:
         kv_blocks: dict[str, list[int]] = {}
         for path, idx in by_module.items():
             if path.endswith(TEXT_SIDE):
-                self._handles.append(self.modules[path].register_forward_hook(self._kv_hook(path)))
-                kv_blocks.setdefault(path.rsplit(".", 1)[0], [])
-                kv_blocks[path.rsplit(".", 1)[0]] = sorted(set(kv_blocks[path.rsplit(".", 1)[0]]) | set(idx))
+                attn = path.rsplit(".", 1)[0]
+                kv_blocks[attn] = sorted(set(kv_blocks.get(attn, [])) | set(idx))
             else:
                 self._handles.append(self.modules[path].register_forward_hook(self._out_hook(path, idx)))
         for attn_path, idx in kv_blocks.items():
-            self._handles.append(self._attn2[attn_path].register_forward_hook(
-                self._attn2_hook(attn_path, idx), with_kwargs=True))
+            attn = self._attn2[attn_path]
+            seen: dict = {}
+            for name in ("to_q", "to_k", "to_v"):
+                self._handles.append(getattr(attn, name).register_forward_hook(self._keep(seen, name)))
+            self._handles.append(attn.register_forward_hook(self._attn2_hook(attn_path, idx, seen)))
         self._kv_blocks = kv_blocks
         return self
 
@@ -144,7 +145,7 @@ class RegionGate:
 
     # ---------------------------------------------------------------- maps and masks
     def _wanted(self) -> bool:
-        return bool(self.rows) and self._kv_region is None
+        return bool(self.rows)
 
     def _on_qk(self, path: str, heads: int):
         def on_qk(q, k):
@@ -220,7 +221,6 @@ class RegionGate:
         padding = getattr(module, "padding", 0)
 
         def hook(mod, inputs, output):
-            # also while attn2 re-runs for a region's K/V: both outputs of the blend then carry the same deltas
             x = inputs[0]
             b = output.shape[0]
             if output.ndim == 4:
@@ -256,37 +256,56 @@ class RegionGate:
             h, w = (h + 1) // 2, (w + 1) // 2
         self._known_hw = sizes
 
-    def _kv_hook(self, path: str):
+    @staticmethod
+    def _keep(seen: dict, name: str):
         def hook(mod, inputs, output):
-            i = self._kv_region
-            if i is None or path not in self.regions[i].layers:
-                return None
-            return output + self.regions[i].strength * lora_forward(self.regions[i].layers[path],
-                                                                     inputs[0].to(output.dtype))
+            seen[name] = output
+            if name == "to_k":
+                seen["context"] = inputs[0]
+            elif name == "to_v":
+                seen["value"] = inputs[0]
         return hook
 
-    def _attn2_hook(self, attn_path: str, regions: list[int]):
-        def hook(mod, args, kwargs, output):
-            if self._kv_region is not None:
+    def _attn2_hook(self, attn_path: str, regions: list[int], seen: dict):
+        """Blend each region's text-side K/V deltas into this cross-attention's output, inside its gate.
+
+        With the pass's own q, k, v: a_r = softmax(q (k + dk_r)^T) (v + dv_r) per region, and the output gains
+        to_out's linear map of sum_r g_r (a_r - a), where a is the same attention without deltas (to_out is linear
+        and every region's to_out delta is gated the same way, so one to_out call serves all regions).
+        """
+        def hook(mod, inputs, output):
+            if not {"to_q", "to_k", "to_v"} <= seen.keys():
                 return None
             self._attn2_ran.add(attn_path)
-            b, n = output.shape[0], output.shape[1]
+            q, k, v = seen.pop("to_q"), seen.pop("to_k"), seen.pop("to_v")
+            ctx, val = seen.pop("context"), seen.pop("value")
+            b, n = q.shape[0], q.shape[1]
             hw = self._token_hw(n)
             if hw is None:
                 return None
+            heads = mod.heads
             masks = self._masks_for(attn_path, hw, output.device)
-            out = output
+            base = _attention(q, k, v, heads)
+            mix = None
             for i in regions:
-                if self.regions[i].strength == 0.0:
+                r = self.regions[i]
+                if r.strength == 0.0:
                     continue
-                self._kv_region = i
-                try:
-                    with_kv = mod(*args, **kwargs)
-                finally:
-                    self._kv_region = None
+                kr, vr = k, v
+                if f"{attn_path}.to_k" in r.layers:
+                    kr = k + r.strength * lora_forward(r.layers[f"{attn_path}.to_k"], ctx.to(k.dtype))
+                if f"{attn_path}.to_v" in r.layers:
+                    vr = v + r.strength * lora_forward(r.layers[f"{attn_path}.to_v"], val.to(v.dtype))
                 gate = self._batch_gate(masks, i, b).to(output.dtype).view(b, n, 1)
-                out = torch.addcmul(out, gate, with_kv - output)
-            return out
+                part = gate * (_attention(q, kr, vr, heads) - base)
+                mix = part if mix is None else mix + part
+            if mix is None:
+                return None
+            linear = mod.to_out[0]
+            change = linear(mix)
+            if getattr(linear, "bias", None) is not None:
+                change = change - linear.bias.to(change.dtype)
+            return output + change
         return hook
 
     def check_text_side(self) -> None:
@@ -301,6 +320,17 @@ class RegionGate:
         if message not in warned:
             warned.add(message)
             log.warning(message)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Plain multi-head softmax attention of projected q [B, N, h*d], k, v [B, L, h*d] -> [B, N, h*d]."""
+    b, n, _ = q.shape
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, n, -1)
 
 
 def plan_rows(batch: int, cond_or_uncond: list[int], concept_chunks: list[bool]) -> tuple[tuple, tuple]:
