@@ -28,7 +28,7 @@ from .attention import token_attention
 from .capture import qk_hooks, remove_hooks
 from .compose import resolve_overlaps
 from .layouts import TransformerSite
-from .lora_files import lora_forward
+from .lora_files import ConvLowRank, lora_forward
 from .masks import binarize
 from .residuals import LowRank
 
@@ -219,8 +219,26 @@ class RegionGate:
         module = self.modules[path]
         stride = getattr(module, "stride", 1)
         padding = getattr(module, "padding", 0)
+        active = [i for i in regions if self.regions[i].strength != 0.0]
+        fusable = all(not isinstance(self.regions[i].layers[path], ConvLowRank) or
+                      self.regions[i].layers[path].kernel == (1, 1) for i in active) and \
+            stride in (1, (1, 1)) and len(active) > 1
+        fused: dict = {}
+
+        def factors(dtype, device):
+            """All regions' factors stacked: down [R*r, in], up [out, R*r] (strength and scale folded in)."""
+            key = (dtype, device)
+            if key not in fused:
+                layers = [self.regions[i].layers[path] for i in active]
+                down = torch.cat([lay.down for lay in layers]).to(device, dtype)
+                up = torch.cat([lay.up * (lay.scale * self.regions[i].strength) for i, lay in zip(active, layers,
+                                                                                                   strict=True)], 1)
+                fused[key] = (down, up.to(device, dtype), torch.tensor([lay.rank for lay in layers], device=device))
+            return fused[key]
 
         def hook(mod, inputs, output):
+            if not active:
+                return None
             x = inputs[0]
             b = output.shape[0]
             if output.ndim == 4:
@@ -231,10 +249,19 @@ class RegionGate:
                     self._warn_once(f"'{path}' has no spatial output; its region delta is left out")
                     return None
             masks = self._masks_for(path, hw, output.device)
-            for i in regions:
+            if fusable:  # one pair of matmuls for every region: the gate is a per-position scalar, so it can
+                # multiply the rank-space activations before the up projection
+                down, up, ranks = factors(output.dtype, output.device)
+                gates = torch.stack([self._batch_gate(masks, i, b) for i in active], -1).to(output.dtype)
+                gates = gates.repeat_interleave(ranks, dim=-1)  # [B, N, R*r]
+                if output.ndim == 4:
+                    h = F.conv2d(x.to(output.dtype), down[:, :, None, None])
+                    h = h * gates.transpose(1, 2).reshape(b, -1, *hw)
+                    return output + F.conv2d(h, up[:, :, None, None])
+                h = F.linear(x.to(output.dtype), down) * gates
+                return output + F.linear(h, up)
+            for i in active:
                 r = self.regions[i]
-                if r.strength == 0.0:
-                    continue
                 gate = self._batch_gate(masks, i, b).to(output.dtype)
                 delta = lora_forward(r.layers[path], x.to(output.dtype), stride, padding)
                 gate = gate.view(b, 1, *hw) if output.ndim == 4 else gate.view(b, -1, 1)

@@ -116,7 +116,8 @@ def test_disjoint_masks_change_only_their_own_half_at_the_first_gated_layer(sd1_
         hook.remove()
     only_left, both = (d.reshape(d.shape[0], 8, 8, -1) for d in (only_left, both))  # tokens [B, h*w, C]
     assert only_left[:, :, 4:].abs().max() == 0 and only_left[:, :, :4].abs().max() > 0
-    assert torch.equal(both[:, :, :4], only_left[:, :, :4])  # the right region's LoRA leaves the left half alone
+    # the right region's LoRA leaves the left half alone (to rounding: both regions go through one fused matmul)
+    assert torch.allclose(both[:, :, :4], only_left[:, :, :4], atol=1e-6, rtol=0)
     assert both[:, :, 4:].abs().max() > 0
 
 
