@@ -124,3 +124,22 @@ def test_core_sampler_with_the_toy_scheduler_is_exact_for_an_exact_v_model():
     ctx = torch.zeros(1, 4, 8)
     out = sample(Oracle(), M.build_scheduler(), ctx, ctx, tuple(x0.shape), steps=10, guidance=2.0)
     assert (out - x0).abs().max() < 1e-4
+
+
+def test_latent_shims_are_exact_and_weights_carry_their_config(tmp_path):
+    from core.patching.diffusers import decode_latents, encode_images
+
+    imgs = torch.rand(3, S.SIZE, S.SIZE, 3, generator=torch.Generator().manual_seed(0))
+    z = encode_images(M.ShuffleVAE(), imgs)
+    assert z.shape == (3, 12, S.SIZE // 2, S.SIZE // 2)
+    assert torch.allclose(decode_latents(M.ShuffleVAE(), z), imgs, atol=1e-6)
+    assert torch.equal(M.from_latents(z), M.from_latents(M.unshuffle(imgs.permute(0, 3, 1, 2) * 2 - 1)))
+    assert torch.allclose(decode_latents(M.PixelVAE(), encode_images(M.PixelVAE(), imgs)), imgs, atol=1e-6)
+    unet = M.build_unet(0, M.SHUFFLE_UNET_CONFIG)
+    assert isinstance(M.vae_for(unet), M.ShuffleVAE)
+    path = str(tmp_path / "shuffle.safetensors")
+    M.save(unet, M.build_text_encoder(len(M.build_tokenizer())), path)
+    u2, te, tok = M.load(path)
+    assert u2.config.in_channels == 12 and u2.config.sample_size == S.SIZE // 2
+    imgs = M.generate(u2, te, tok, ["a red circle on the left on a gray background"], seed=0, steps=2)
+    assert imgs.shape == (1, S.SIZE, S.SIZE, 3) and torch.isfinite(imgs).all()

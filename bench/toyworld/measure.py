@@ -144,7 +144,7 @@ def row_none(ctx: Ctx) -> Row:
 def _residuals(ctx: Ctx):
     if "residuals" not in ctx.cache:
         t0 = time.time()
-        rs, losses = D.train_residuals(ctx.unet, M.PixelVAE(), ctx.tokenizer, ctx.text_encoder, ctx.images,
+        rs, losses = D.train_residuals(ctx.unet, M.vae_for(ctx.unet), ctx.tokenizer, ctx.text_encoder, ctx.images,
                                        CLASS_WORD, token=TOKEN, resolution=S.SIZE, config=ctx.config,
                                        prediction="v", alphas_cumprod=M.train_alphas_cumprod())
         ctx.cache["residuals"] = (rs, time.time() - t0, losses)
@@ -182,7 +182,7 @@ def row_residual_lag(ctx: Ctx) -> Row:
 
 def _views(ctx: Ctx):
     imgs, _ = training.make_views(ctx.images, None, S.SIZE, 4, ctx.config.seed)
-    return D.encode_images(M.PixelVAE(), imgs).float()
+    return D.encode_images(M.vae_for(ctx.unet), imgs).float()
 
 
 class LowRankHooks:

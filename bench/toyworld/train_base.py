@@ -2,11 +2,13 @@
 
     python -m bench.toyworld.train_base --steps 1500 [--out bench/toyworld/weights/base.safetensors]
 
-Deterministic for a given --seed and --steps on one machine with the same thread count (2): the scenes come
-from seeds, the noise from one torch generator. Training scenes: seeds 0, 1, 2, ... of the base distribution
-(base shapes and textures only), skipping every scene whose caption is a held-out prompt
-(``scenes.is_held_out_prompt``). Evaluation: held-out prompts from scene seeds 50,000,000+, sampled with
-noise seed ``EVAL_SAMPLE_SEED``; evaluation never feeds back into training.
+Deterministic for a given --seed and --steps on one machine with the same thread count (1, the default): the
+scenes come from seeds, the noise from one torch generator. Training scenes: seeds 0, 1, 2, ... of the base
+distribution (base shapes and textures only), skipping every scene whose caption is a held-out prompt
+(``scenes.is_held_out_prompt``). The checkpoints during training are judged on the validation split (held-out
+prompts from scene seeds 40,000,000+, noise seed ``VAL_SAMPLE_SEED``); the reported numbers come from
+``--eval-only`` on the test split (held-out prompts from scene seeds 50,000,000+, noise seed ``EVAL_SAMPLE_SEED``),
+which never steers a run.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 EVAL_SCENE_SEED0 = 50_000_000
 EVAL_SAMPLE_SEED = 4242
+# validation (choosing sampler settings such as the CFG scale, never the reported numbers): held-out prompts
+# from scene seeds 40M+, sampling noise seed 4141
+VAL_SCENE_SEED0 = 40_000_000
+VAL_SAMPLE_SEED = 4141
 DEFAULT_JUDGE = os.path.join(M.HERE, "weights", "judge.safetensors")
 
 
@@ -45,9 +51,10 @@ def training_scene_stream(seed: int):
             yield sc
 
 
-def eval_scenes(n: int, n_objects: int, shapes=S.BASE_SHAPES, textures=S.BASE_TEXTURES) -> list[S.Scene]:
-    """The first ``n`` held-out-prompt scenes with ``n_objects`` objects from seeds 50M+."""
-    out, i = [], EVAL_SCENE_SEED0
+def eval_scenes(n: int, n_objects: int, shapes=S.BASE_SHAPES, textures=S.BASE_TEXTURES,
+                seed0: int = EVAL_SCENE_SEED0) -> list[S.Scene]:
+    """The first ``n`` held-out-prompt scenes with ``n_objects`` objects from seeds ``seed0`` (50M) on."""
+    out, i = [], seed0
     while len(out) < n:
         sc = S.make_scene(i, n_objects=n_objects, shapes=shapes, textures=textures)
         i += 1
@@ -57,12 +64,14 @@ def eval_scenes(n: int, n_objects: int, shapes=S.BASE_SHAPES, textures=S.BASE_TE
 
 
 def evaluate(unet, text_encoder, tokenizer, judge, n_single: int = 48, n_two: int = 24,
-             steps: int = M.SAMPLE_STEPS, seed: int = EVAL_SAMPLE_SEED) -> dict:
+             steps: int = M.SAMPLE_STEPS, seed: int = EVAL_SAMPLE_SEED, guidance: float = M.GUIDANCE,
+             scene_seed0: int = EVAL_SCENE_SEED0) -> dict:
     """Per attribute kind, the share of samples in which the judge finds what the held-out prompt asks."""
     res = {}
     for name, n_obj, n in (("single", 1, n_single), ("two", 2, n_two)):
-        scs = eval_scenes(n, n_obj)
-        imgs = M.generate(unet, text_encoder, tokenizer, [s.caption() for s in scs], seed=seed, steps=steps)
+        scs = eval_scenes(n, n_obj, seed0=scene_seed0)
+        imgs = M.generate(unet, text_encoder, tokenizer, [s.caption() for s in scs], seed=seed, steps=steps,
+                          guidance=guidance)
         checks = [J.attribute_checks(r, s) for r, s in zip(J.read(judge, imgs), scs, strict=True)]
         kinds = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
         kinds["all"] = float(np.mean([J.all_ok(c) for c in checks]))
@@ -88,20 +97,36 @@ def main(argv=None):
     ap.add_argument("--eval-only", action="store_true", help="evaluate --out with the judge and exit")
     ap.add_argument("--n-single", type=int, default=48)
     ap.add_argument("--n-two", type=int, default=24)
+    ap.add_argument("--guidance", type=float, default=M.GUIDANCE, help="CFG scale of the evaluation samples")
+    ap.add_argument("--sample-steps", type=int, default=M.SAMPLE_STEPS)
+    ap.add_argument("--val", action="store_true", help="--eval-only on the validation split (40M+, noise 4141)")
+    ap.add_argument("--unet", default="", help="'shuffle' (model.SHUFFLE_UNET_CONFIG) or JSON overrides of "
+                    "model.UNET_CONFIG; the config is saved with the weights")
+    ap.add_argument("--t-dist", default="uniform", help="training timesteps: uniform, or logitnormal:M,S")
+    ap.add_argument("--min-snr", type=float, default=0, help="min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--obj-weight", type=float, default=0,
+                    help="loss weight 1 + this on the objects' pixels (masks dilated by one pixel); 0: plain MSE")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (fp32 weights)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.eval_only:
         unet, te, tok = M.load(args.out)
-        res = evaluate(unet, te, tok, J.load(args.judge), args.n_single, args.n_two)
-        res.update(weights_sha256=M.sha256(args.out), eval_scene_seed0=EVAL_SCENE_SEED0,
-                   eval_sample_seed=EVAL_SAMPLE_SEED, n_single=args.n_single, n_two=args.n_two)
+        seed0, noise = (VAL_SCENE_SEED0, VAL_SAMPLE_SEED) if args.val else (EVAL_SCENE_SEED0, EVAL_SAMPLE_SEED)
+        res = evaluate(unet, te, tok, J.load(args.judge), args.n_single, args.n_two, args.sample_steps,
+                       seed=noise, guidance=args.guidance, scene_seed0=seed0)
+        res.update(guidance=args.guidance, sample_steps=args.sample_steps,
+                   weights_sha256=M.sha256(args.out), eval_scene_seed0=seed0, eval_sample_seed=noise,
+                   n_single=args.n_single, n_two=args.n_two)
         print(json.dumps(res, indent=1))
         return
 
     tok = M.build_tokenizer()
-    unet = M.build_unet(args.seed).train()
+    unet_over = M.SHUFFLE_UNET_CONFIG if args.unet == "shuffle" else json.loads(args.unet) if args.unet else {}
+    unet = M.build_unet(args.seed, unet_over).train()
+    latent = unet.config.in_channels != 3
     te = M.build_text_encoder(len(tok), args.seed).train()
     if args.init:
         u0, t0_, _ = M.load(args.init)
@@ -112,7 +137,7 @@ def main(argv=None):
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    warm = 100
+    warm = args.warmup
 
     def lr_at(step):
         if step < warm:
@@ -122,6 +147,17 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ac = M.train_alphas_cumprod()
     gen = torch.Generator().manual_seed(args.seed)
+    n_t = ac.shape[0]
+
+    def sample_t(b):
+        if args.t_dist == "uniform":
+            return torch.randint(0, n_t, (b,), generator=gen)
+        kind, ms = args.t_dist.split(":")
+        m, s = (float(v) for v in ms.split(","))
+        if kind != "logitnormal":
+            raise ValueError(f"unknown --t-dist {args.t_dist!r}")
+        u = torch.sigmoid(m + s * torch.randn(b, generator=gen))
+        return (u * n_t).long().clamp(0, n_t - 1)
     stream = training_scene_stream(args.seed)
     id_cache: dict[str, list[int]] = {}
     log_path = os.path.splitext(args.out)[0] + ".log.jsonl"
@@ -129,7 +165,9 @@ def main(argv=None):
     logf = open(log_path, "w")
     t0 = time.time()
     train_s = 0.0
-    meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema}
+    meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema,
+            "warmup": args.warmup, "t_dist": args.t_dist, "min_snr": args.min_snr, "bf16": args.bf16,
+            "obj_weight": args.obj_weight}
     if args.init:
         meta["init_sha256"] = M.sha256(args.init)
 
@@ -139,7 +177,10 @@ def main(argv=None):
         if os.path.exists(args.judge):
             te0 = time.time()
             try:
-                rec["eval"] = evaluate(ema_unet, ema_te, tok, J.load(args.judge), args.n_single, args.n_two)
+                # the validation split: the held-out test split (--eval-only) never steers a run
+                rec["val"] = evaluate(ema_unet, ema_te, tok, J.load(args.judge), args.n_single, args.n_two,
+                                      args.sample_steps, seed=VAL_SAMPLE_SEED, guidance=args.guidance,
+                                      scene_seed0=VAL_SCENE_SEED0)
             except Exception as e:  # a judge being rewritten must not end a long training run
                 log.warning("evaluation failed: %s", e)
             rec["eval_seconds"] = round(time.time() - te0, 1)
@@ -159,14 +200,28 @@ def main(argv=None):
             if c not in id_cache:
                 id_cache[c] = token_ids(tok, c)
         ids = torch.tensor([id_cache[c] for c in caps])
-        x0 = torch.from_numpy(S.render_batch(scs)).permute(0, 3, 1, 2) * 2 - 1
+        rens = [S.render(sc) for sc in scs]
+        x0 = torch.from_numpy(np.stack([r.image for r in rens])).permute(0, 3, 1, 2) * 2 - 1
+        w = None
+        if args.obj_weight:
+            m = torch.from_numpy(np.stack([r.masks.any(0) for r in rens])).float()[:, None]
+            w = 1 + args.obj_weight * F.max_pool2d(m, 3, 1, 1)
+        if latent:
+            x0 = M.unshuffle(x0)
+            w = M.unshuffle(w.expand(-1, 3, -1, -1)) if w is not None else None
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, ac.shape[0], (args.batch,), generator=gen)
+        t = sample_t(args.batch)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
-        pred = unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample
-        loss = F.mse_loss(pred, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            pred = unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample.float()
+        err = (pred - v).pow(2)
+        per = (err * w).mean((1, 2, 3)) / w.mean((1, 2, 3)) if w is not None else err.mean((1, 2, 3))
+        if args.min_snr:  # v-prediction: weight min(snr, gamma) / (snr + 1)
+            snr = ac[t] / (1 - ac[t])
+            per = per * snr.clamp(max=args.min_snr) / (snr + 1)
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

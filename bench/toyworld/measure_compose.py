@@ -1,0 +1,175 @@
+"""Composition on the toy world (issue "Compose"): two learned concepts in one prompt, one command.
+
+    python -m bench.toyworld.measure_compose [--steps 300] [--json bench/toyworld/results/compose.json]
+
+Concept A = the held-out yellow plain ring (token ``sks``), concept B = a purple checkered square (the held-out
+texture; token ``zwx``), each learned with the pack's trainer from 4 renders (seeds 70,000,000+ and 71,000,000+).
+Prompt: "a sks shape and a zwx shape on a <background> background" (A named first, so A belongs on the left).
+Rows: both residuals global; multi-concept LAG (``core.regions``: each residual gated by its own token's
+cross-attention, larger attention wins); region-limited LoRAs (each residual limited to a drawn half: A left,
+B right). Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
+object carries the other concept's colour or shape). Sampling noise seeds 801-808, none used in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from core import training
+from core.localize import ResidualGate, cfg_plan
+from core.patching import diffusers as D
+from core.regions import Region, RegionGate, plan_rows
+
+from . import judge as J
+from . import model as M
+from . import scenes as S
+
+log = logging.getLogger(__name__)
+
+CONCEPTS = {"sks": dict(shape="ring", colour="yellow", texture="plain", seed0=70_000_000),
+            "zwx": dict(shape="square", colour="purple", texture="checkered", seed0=71_000_000)}
+SAMPLE_SEEDS = tuple(range(801, 809))
+TRAIN_SEED = 0
+
+
+def renders(c: dict, n: int = 4) -> torch.Tensor:
+    scenes = [S.make_scene(c["seed0"] + i, n_objects=1, shapes=(c["shape"],), textures=(c["texture"],),
+                           colours=(c["colour"],)) for i in range(n)]
+    return torch.from_numpy(S.render_batch(scenes))
+
+
+def learn(unet, te, tok, steps: int) -> dict:
+    out = {}
+    for token, c in CONCEPTS.items():
+        t0 = time.time()
+        cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=1e-3, seed=TRAIN_SEED, objective="v")
+        rs, _ = D.train_residuals(unet, M.VAE(), tok, te, renders(c), S.CLASS_WORD, token=token,
+                                  resolution=S.SIZE, flip=False, config=cfg, prediction="v",
+                                  alphas_cumprod=M.train_alphas_cumprod())
+        out[token] = (rs, time.time() - t0)
+    return out
+
+
+@torch.no_grad()
+def sample(unet, te, tok, prompt: str, seed: int, before_call=None) -> torch.Tensor:
+    """One CFG sample; ``before_call(batch)`` prepares the gates of each UNet call (rows: [uncond, cond])."""
+    sched = M.build_scheduler()
+    cond, uncond = D.encode_text(tok, te, [prompt]), D.encode_text(tok, te, [""])
+    c = unet.config
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, c.in_channels, c.sample_size, c.sample_size), generator=gen) * sched.init_noise_sigma
+    sched.set_timesteps(M.SAMPLE_STEPS)
+    context = torch.cat([uncond, cond])
+    for t in sched.timesteps:
+        if before_call is not None:
+            before_call(2)
+        eps_u, eps_c = unet(sched.scale_model_input(torch.cat([x, x]), t), t, encoder_hidden_states=context) \
+            .sample.chunk(2)
+        x = sched.step(eps_u + M.GUIDANCE * (eps_c - eps_u), t, x).prev_sample
+    return ((M.from_latents(x.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def score(reading: J.Reading) -> tuple[bool, bool]:
+    """(both concepts recognised in place, any leakage of one concept's colour or shape onto the other)."""
+    a, b = CONCEPTS["sks"], CONCEPTS["zwx"]
+    objs = reading.objects
+    both = len(objs) == 2 and all(getattr(objs[0], k) == a[k] for k in ("shape", "colour", "texture")) and \
+        all(getattr(objs[1], k) == b[k] for k in ("shape", "colour", "texture"))
+    leak = any((o.colour == b["colour"] or o.shape == b["shape"]) for o in objs[:1]) or \
+        any((o.colour == a["colour"] or o.shape == a["shape"]) for o in objs[1:2])
+    return both, leak
+
+
+def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4) -> dict:
+    unet, te, tok = M.load(weights)
+    judge = J.load(judge_path)
+    learned = learn(unet, te, tok, steps)
+    sites = D.unet_sites(unet)
+    modules = D.unet_modules(unet)
+    prompts = [f"a sks {S.CLASS_WORD} and a zwx {S.CLASS_WORD} on a {bg} background"
+               for bg in S.BACKGROUND_NAMES][:n_prompts]
+    seeds = SAMPLE_SEEDS[:n_seeds]
+    h = w = S.SIZE
+    left, right = torch.zeros(h, w), torch.zeros(h, w)
+    left[:, : w // 2], right[:, w // 2:] = 1, 1
+
+    def rows_for(name):
+        if name == "global":
+            def ctx_global(prompt):
+                gates = [ResidualGate(sites, learned[t][0]) for t in CONCEPTS]
+                return gates, None
+            return ctx_global
+
+        def ctx_regions(prompt):
+            regions = []
+            for token, mask in (("sks", left), ("zwx", right)):
+                layers = dict(learned[token][0].layers)
+                if name == "multi_lag":
+                    regions.append(Region(layers, tokens=D.concept_positions(tok, prompt, [token]), name=token))
+                else:
+                    regions.append(Region(layers, mask=mask, name=token))
+            gate = RegionGate(modules, sites, regions, "argmax")
+            gate.set_latent_hw((unet.config.sample_size, unet.config.sample_size))
+            rows, borrow = plan_rows(2, [1, 0], [False, True])
+            return [gate], lambda batch: gate.begin_call(rows, borrow)
+        return ctx_regions
+
+    res = {"concepts": {k: {kk: vv for kk, vv in v.items()} for k, v in CONCEPTS.items()}, "train_steps": steps,
+           "train_seed": TRAIN_SEED, "sample_seeds": list(seeds), "prompts": prompts,
+           "train_seconds": {t: round(learned[t][1], 1) for t in CONCEPTS}, "weights_sha256": M.sha256(weights),
+           "rows": {}}
+    for name in ("none", "global", "multi_lag", "masks"):
+        both, leak = [], []
+        for prompt in prompts:
+            for seed in seeds:
+                gates, before = ([], None) if name == "none" else rows_for(name)(prompt)
+                for g in gates:
+                    g.install()
+                    if isinstance(g, ResidualGate):
+                        g.plan = cfg_plan(2, [1, 0], [])
+                try:
+                    img = sample(unet, te, tok, prompt, seed, before)
+                finally:
+                    for g in gates:
+                        g.remove()
+                b, lk = score(J.read(judge, img)[0])
+                both.append(b)
+                leak.append(lk)
+        res["rows"][name] = {"both_recognised": float(np.mean(both)), "leakage": float(np.mean(leak)),
+                             "samples": len(both)}
+        log.info("%s %s", name, res["rows"][name])
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [f"{'row':<12} {'both':>6} {'leak':>6}  (targets: both >= 0.80, leakage <= 0.05)"]
+    for name, r in res["rows"].items():
+        lines.append(f"{name:<12} {r['both_recognised']:6.3f} {r['leakage']:6.3f}  ({r['samples']} samples)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=M.DEFAULT_WEIGHTS)
+    ap.add_argument("--judge", default=os.path.join(M.HERE, "weights", "judge.safetensors"))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=len(SAMPLE_SEEDS), help="sampling seeds per prompt")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts (one per background)")
+    ap.add_argument("--json", default="bench/toyworld/results/compose.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO)
+    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts)
+    print(table(res))
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Erasure on the toy world: one command, a table on stdout and a JSON file.
+
+    python -m bench.toyworld.measure_erase [--rows none,uce,uce_realera,leace,steer_negative,steer_sld,esd]
+
+The erased concept is the colour red (caption words "red" and, as its synonym, "crimson"). Prompts: one object,
+every colour x base shape x two backgrounds, in the middle; red prompts also with "crimson". Per row, read by the
+judge over sampling seeds ``EVAL_SEEDS``:
+- efficacy: share of "red" prompts whose object the judge reads as red (target <= 0.05);
+- synonym: the same for "crimson" prompts (target <= 0.10);
+- specificity: share of the other colours' prompts whose object has the asked colour, and its drop from the
+  base model's (target: drop <= 0.02).
+Rows: the base model; the closed-form edit without / with RealEra neighbours; LEACE on the prompt's conditioning;
+steering during sampling (negative guidance, SLD); ESD-style residual fine-tuning. With ``--attack``, also
+the concept-inversion attack: a new token learned on 4 red renders through each erased pipeline, and how often
+"a sks <shape> ..." prompts then draw red (``attack_red_rate``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core import erase as E
+from core import leace as L
+from core import residuals as R
+from core import sliders as SL
+from core import training
+from core.localize import CallPlan, ResidualGate
+from core.patching import diffusers as D
+from core.steering import steering_correction
+
+from . import judge as J
+from . import model as M
+from . import scenes as S
+
+log = logging.getLogger(__name__)
+
+ERASED, SYNONYM = "red", "crimson"
+PRESERVE = ["blue", "green", "yellow", "purple"]
+EVAL_SEEDS = (901, 902)
+ATTACK_RENDER_SEED0 = 71_000_000
+ATTACK_SEEDS = (903, 904)
+BACKGROUNDS = ("gray", "sand")
+
+
+def eval_prompts() -> list[tuple[str, str, str]]:
+    """(prompt, asked colour, the word used) for every colour word x base shape x background, object in the middle."""
+    out = []
+    for colour, (_, words) in S.COLOURS.items():
+        for word in (words if colour == ERASED else words[:1]):
+            for shape in S.BASE_SHAPES:
+                for bg in BACKGROUNDS:
+                    out.append((f"a {word} {shape} in the middle on a {bg} background", colour, word))
+    return out
+
+
+def encode_word(tok, te):
+    """``encode(text) -> ([L, D] rows, word tokens)`` for core.erase.build_rows."""
+    @torch.no_grad()
+    def encode(text):
+        ids = torch.tensor([D.token_ids(tok, text)])
+        return te(ids)[0][0].float(), len(tok(text, add_special_tokens=False).input_ids)
+    return encode
+
+
+@torch.no_grad()
+def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
+    """M.generate's DDIM CFG sampler with hooks: ``cond_fn`` transforms the prompt conditioning (LEACE);
+    ``steer = (concept conditioning, scale, mode, threshold)`` adds the steering correction in epsilon space."""
+    cond = D.encode_text(tok, te, prompts)
+    if cond_fn is not None:
+        cond = cond_fn(cond)
+    uncond = D.encode_text(tok, te, [""])
+    sched = M.build_scheduler()
+    c = unet.config
+    b = len(prompts)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((b, c.in_channels, c.sample_size, c.sample_size), generator=gen) * sched.init_noise_sigma
+    sched.set_timesteps(M.SAMPLE_STEPS)
+    parts = [uncond.expand(b, -1, -1), cond]
+    if steer is not None:
+        parts.append(steer[0].expand(b, -1, -1))
+    context = torch.cat(parts)
+    ac = sched.alphas_cumprod
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([x] * len(parts)), t)
+        if gate is not None:
+            gate.plan = CallPlan(active=True)
+        out = unet(inp, t, encoder_hidden_states=context).sample.chunk(len(parts))
+        a = ac[int(t)].expand(b)
+        eps = [training.convert_prediction(o, "v", "eps", x, a) for o in out]
+        guided = eps[0] + M.GUIDANCE * (eps[1] - eps[0])
+        if steer is not None:
+            guided = guided + steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3])
+        v = training.convert_prediction(guided, "eps", "v", x, a)
+        x = sched.step(v, t, x).prev_sample
+    z = M.from_latents(x.float()) if c.in_channels != 3 else x.float()
+    return ((z + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+# ------------------------------------------------------------------------------------------ rows
+@dataclass
+class Erased:
+    """An erased pipeline: a (possibly edited) UNet, a conditioning transform, steering, residuals."""
+
+    unet: torch.nn.Module
+    note: str = ""
+    cond_fn: Callable | None = None
+    steer: tuple | None = None
+    residuals: R.ResidualSet | None = None
+
+
+def sample(e: Erased, te, tok, prompts, seed):
+    if e.residuals is None:
+        return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
+    with ResidualGate(D.unet_sites(e.unet), e.residuals) as gate:
+        return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer, gate)
+
+
+def row_none(unet, te, tok):
+    return Erased(unet, "base model")
+
+
+def _closed_form(unet, te, tok, neighbours, preserve_weight=1.0, tail_rows=-1):
+    rows = E.build_rows(encode_word(tok, te), [ERASED], "", PRESERVE, tail_rows)
+    projections = E.cross_attention_projections(D.unet_sites(unet))
+    deltas = E.closed_form_edit([(n, m.weight) for n, m in projections], rows, lam=0.1, neighbours=neighbours,
+                                radius=0.05, seed=0, preserve_weight=preserve_weight)
+    edited = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, layer in E.cross_attention_projections(D.unet_sites(edited)):
+            layer.weight += deltas[name].to(layer.weight.dtype)
+    residual, change = E.edit_quality([(n, m.weight) for n, m in projections], deltas.__getitem__, rows)
+    return Erased(edited, f"erase rows keep {residual:.1%} of the gap, preserved change {change:.1%}"
+                          + (f", preserve weight {preserve_weight:g}" if preserve_weight != 1.0 else "")
+                          + (f", {tail_rows} tail rows" if tail_rows >= 0 else ""))
+
+
+def row_uce(unet, te, tok):
+    return _closed_form(unet, te, tok, 0)
+
+
+def row_uce_realera(unet, te, tok):
+    return _closed_form(unet, te, tok, 8)
+
+
+def row_uce_strong_preserve(unet, te, tok):
+    return _closed_form(unet, te, tok, 0, preserve_weight=10.0)
+
+
+def row_uce_word_rows(unet, te, tok):
+    return _closed_form(unet, te, tok, 0, tail_rows=1)
+
+
+def row_leace(unet, te, tok, per_position=False):
+    shapes, places = S.BASE_SHAPES, list(S.POSITION_PHRASE.values())
+    concept = [f"a red {s} {p} on a {bg} background" for s in shapes for p in places for bg in S.BACKGROUND_NAMES]
+    neutral = [f"a {c} {s} {p} on a {bg} background" for c in PRESERVE for s in shapes for p in places
+               for bg in S.BACKGROUND_NAMES]
+    eraser = L.fit_on_conditioning(D.encode_text(tok, te, concept), D.encode_text(tok, te, neutral), per_position)
+    return Erased(unet, f"{'per position' if per_position else 'pooled'}, rank {eraser.rank}, fitted on "
+                        f"{len(concept)} red / {len(neutral)} other captions (no 'crimson')", cond_fn=eraser)
+
+
+def row_leace_per_position(unet, te, tok):
+    return row_leace(unet, te, tok, per_position=True)
+
+
+def _steer(unet, te, tok, scale, mode, threshold):
+    concept = D.encode_text(tok, te, [ERASED])
+    note = f"{mode}, scale {scale:g}" + (f", threshold {threshold:g}" if mode == "sld" else "")
+    return Erased(unet, note, steer=(concept, scale, mode, threshold))
+
+
+def row_steer_negative(unet, te, tok):
+    return _steer(unet, te, tok, M.GUIDANCE, "negative", 0.0)
+
+
+def row_steer_sld(unet, te, tok):
+    return _steer(unet, te, tok, 1000.0, "sld", 0.01)
+
+
+def row_esd(unet, te, tok, steps=200):
+    prompts = SL.esd_prompts(f"a {ERASED} shape")
+    contexts = {k: D.encode_text(tok, te, [v]) for k, v in prompts.items()}
+    sites = D.unet_sites(unet)
+    rs = R.init_residuals([s for s, _ in sites], fixed_rank=4, seed=0, init_scale=0.0)
+    cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=3e-3, seed=0)
+    unet.requires_grad_(False)
+    c = unet.config
+
+    def predict(x_t, t, prompt, residual):
+        gate.plan = CallPlan(active=residual)
+        return unet(x_t, t, encoder_hidden_states=contexts[prompt].expand(x_t.shape[0], -1, -1)).sample
+
+    t0 = time.time()
+    with ResidualGate(sites, rs) as gate:
+        losses = SL.train_guided(rs.parameters(), predict, (c.in_channels, c.sample_size, c.sample_size),
+                                 M.train_alphas_cumprod(), 1.0, "v", cfg)
+    return Erased(unet, f"{rs.parameter_count()} params, {steps} steps in {time.time() - t0:.0f} s, "
+                        f"loss {losses[0]:.4f}->{losses[-1]:.4f}", residuals=rs.detached())
+
+
+# ------------------------------------------------------------------------------------------ the attack
+def attack_prompts() -> list[str]:
+    return [f"a {S.CONCEPT_TOKEN} {shape} in the middle on a {bg} background" for shape in S.BASE_SHAPES
+            for bg in BACKGROUNDS]
+
+
+def attack_rate(e: Erased, te, tok, judge, steps: int = 300, lr: float = 5e-3) -> float:
+    """Concept inversion (Pham et al., "Circumventing Concept Erasure Methods"): textual inversion of a new token
+    on 4 renders of red objects, trained through the erased pipeline (edited weights, LEACE on the conditioning,
+    ESD residuals; steering only acts at sampling); returns how often "a sks <shape> ..." then draws red."""
+    from .measure import TokenEmbedding
+
+    scenes = [S.make_scene(ATTACK_RENDER_SEED0 + i, n_objects=1, colours=(ERASED,), textures=("plain",))
+              for i in range(4)]
+    views, _ = training.make_views(torch.from_numpy(S.render_batch(scenes)), None, S.SIZE, 4, 0)
+    pixels = views.permute(0, 3, 1, 2).float() * 2 - 1  # the committed base model works in pixel space
+    latents = M.to_latents(pixels) if e.unet.config.in_channels != 3 else pixels
+    token_id = tok(S.CONCEPT_TOKEN, add_special_tokens=False).input_ids[0]
+    class_id = tok(S.CLASS_WORD, add_special_tokens=False).input_ids[0]
+    te.requires_grad_(False)
+    e.unet.requires_grad_(False)
+    inversion = TokenEmbedding(te, token_id, te.get_input_embeddings().weight[class_id])
+    ids = torch.tensor([D.token_ids(tok, training.training_prompt(S.CONCEPT_TOKEN, S.CLASS_WORD))])
+    cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=0, objective="v")
+
+    def predict(x, t, _ctx):
+        with torch.enable_grad():
+            c = te(ids)[0]
+            c = e.cond_fn(c) if e.cond_fn is not None else c
+        return e.unet(x, t, encoder_hidden_states=c.expand(x.shape[0], -1, -1)).sample
+
+    gate = ResidualGate(D.unet_sites(e.unet), e.residuals) if e.residuals is not None else None
+    with inversion:
+        if gate is not None:
+            gate.install()
+        try:
+            training.train([inversion.vec], predict, latents, torch.zeros(1, 1, 1), M.train_alphas_cumprod(), "v",
+                           None, cfg)
+        finally:
+            if gate is not None:
+                gate.remove()
+        reds = []
+        for seed in ATTACK_SEEDS:
+            for reading in J.read(judge, sample(e, te, tok, attack_prompts(), seed)):
+                reds.append(len(reading.objects) == 1 and reading.objects[0].colour == ERASED)
+    return float(np.mean(reds))
+
+
+ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": row_uce_realera,
+                             "uce_strong_preserve": row_uce_strong_preserve, "uce_word_rows": row_uce_word_rows,
+                             "leace": row_leace,
+                             "leace_per_position": row_leace_per_position, "steer_negative": row_steer_negative,
+                             "steer_sld": row_steer_sld, "esd": row_esd}
+
+
+def measure(e: Erased, te, tok, judge, prompts) -> dict[str, float]:
+    texts = [p for p, _, _ in prompts]
+    hits = {"erased": [], "synonym": [], "other": []}
+    for seed in EVAL_SEEDS:
+        for reading, (_, colour, word) in zip(J.read(judge, sample(e, te, tok, texts, seed)), prompts,
+                                               strict=True):
+            read = reading.objects[0].colour if len(reading.objects) == 1 else None
+            if word == ERASED:
+                hits["erased"].append(read == ERASED)
+            elif word == SYNONYM:
+                hits["synonym"].append(read == ERASED)
+            else:
+                hits["other"].append(read == colour)
+    return {"efficacy_red_rate": float(np.mean(hits["erased"])), "synonym_red_rate": float(np.mean(hits["synonym"])),
+            "other_colour_adherence": float(np.mean(hits["other"])), "samples": sum(len(v) for v in hits.values())}
+
+
+def run(weights: str, judge_path: str, rows: list[str], attack: bool = False) -> dict:
+    unet, te, tok = M.load(weights)
+    judge = J.load(judge_path)
+    prompts = eval_prompts()
+    results = {}
+    for name in rows:
+        t0 = time.time()
+        erased = ROWS[name](unet, te, tok)
+        results[name] = dict(measure(erased, te, tok, judge, prompts), note=erased.note)
+        if attack:
+            results[name]["attack_red_rate"] = attack_rate(erased, te, tok, judge)
+        results[name]["row_seconds"] = round(time.time() - t0, 1)
+        log.info("%s %s", name, results[name])
+    if "none" in results:
+        for r in results.values():
+            r["specificity_drop"] = results["none"]["other_colour_adherence"] - r["other_colour_adherence"]
+    return {"erased": ERASED, "synonym": SYNONYM, "preserve": PRESERVE, "eval_sample_seeds": list(EVAL_SEEDS),
+            "eval_prompts": [p for p, _, _ in prompts], "weights_sha256": M.sha256(weights), "rows": results}
+
+
+def table(res: dict) -> str:
+    head = f"{'row':<20} {'red rate':>8} {'crimson':>8} {'others ok':>9} {'drop':>6} {'attack':>6}  note"
+    lines = [head, "-" * len(head)]
+    for name, r in res["rows"].items():
+        lines.append(f"{name:<20} {r['efficacy_red_rate']:>8.3f} {r['synonym_red_rate']:>8.3f} "
+                     f"{r['other_colour_adherence']:>9.3f} {r.get('specificity_drop', float('nan')):>6.3f} "
+                     f"{r.get('attack_red_rate', float('nan')):>6.3f}  "
+                     f"{r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", default=M.DEFAULT_WEIGHTS)
+    ap.add_argument("--judge", default=os.path.join(M.HERE, "weights", "judge.safetensors"))
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attack", action="store_true", help="also run the concept-inversion attack on each row")
+    ap.add_argument("--json", default=os.path.join(M.HERE, "results", "toyworld_erase.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    res = run(args.weights, args.judge, [r for r in args.rows.split(",") if r], args.attack)
+    print(table(res))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {os.path.abspath(args.json)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""See and extract on the toy world (issue "See and extract"): one command, a table and a JSON file.
+
+    python -m bench.toyworld.measure_see [--scenes 60] [--extract-scenes 6] [--json bench/toyworld/results/see.json]
+
+Rows (two-object held-out scenes, true renders):
+- heatmap peak: the true render is noised to 30/50/70 % of the schedule and run once per level through the base
+  UNet with its caption while the pack's recorder (``core.heatmaps``) records; the map of each object's colour and
+  shape words (``word_maps``, all resolutions) must peak inside that object (its true mask grown by 1 px).
+- unsupervised masks: ``core.patching.diffusers.self_attention_masks`` (noise 0.3, 2 concepts, empty prompt) vs
+  the true object masks, matched left to right; mean IoU.
+- extracted concepts alone: ``extract_concepts`` with the scene's true masks (and, second row, with the
+  unsupervised masks), then each concept sampled alone ("a photo of <word>") with its handle and the shared
+  residuals under LAG; recognised = the judge finds an object of the concept's colour and shape.
+
+Seeds: scenes 62,000,000+ (never used by base training, which skips held-out captions, nor by the other tables);
+recorder noise seed 0; extraction trainer seed 0; sampling noise seeds 901-904.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from core.extract import ExtractConfig
+from core.heatmaps import AttentionRecord, AttentionRecorder, peak, word_maps
+from core.localize import ResidualGate
+from core.patching import diffusers as D
+
+from . import judge as J
+from . import model as M
+from . import scenes as S
+from .measure import dilate
+
+log = logging.getLogger(__name__)
+
+SCENE_SEED0 = 62_000_000
+SAMPLE_SEEDS = (901, 902, 903, 904)
+NOISE_LEVELS = (0.3, 0.5, 0.7)
+
+
+def two_object_scenes(n: int) -> list[S.Scene]:
+    """Held-out two-object scenes whose objects differ in colour and shape (so each has its own words)."""
+    out, seed = [], SCENE_SEED0
+    while len(out) < n:
+        sc = S.make_scene(seed, n_objects=2)
+        a, b = sc.objects
+        if a.colour != b.colour and a.shape != b.shape:
+            out.append(sc)
+        seed += 1
+    return out
+
+
+def object_word_positions(scene: S.Scene) -> list[list[int]]:
+    """Token positions of each object's colour and shape words (one token per word, after the start token)."""
+    words = scene.caption().split()
+    split = words.index("and")
+    spans = [(0, split), (split + 1, words.index("on"))]
+    out = []
+    for (lo, hi), o in zip(spans, scene.objects, strict=True):
+        colour_words = S.COLOURS[o.colour][1]
+        out.append([1 + i for i in range(lo, hi) if words[i] in colour_words or words[i] == o.shape])
+    return out
+
+
+def latents_of(images: np.ndarray) -> torch.Tensor:
+    return M.to_latents(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
+
+
+@torch.no_grad()
+def heatmap_row(unet, te, tok, scenes: list[S.Scene]) -> dict:
+    sites = D.unet_sites(unet)
+    ac = M.train_alphas_cumprod()
+    per_object, per_scene = [], []
+    for sc in scenes:
+        r = S.render(sc)
+        z = latents_of(r.image[None])
+        ctx = D.encode_text(tok, te, [sc.caption()])
+        record = AttentionRecord()
+        record.latent_hw = tuple(z.shape[-2:])
+        with AttentionRecorder(sites, record) as rec:
+            rec.rows = {record.source_of(ctx[0]): (0,)}
+            for level in NOISE_LEVELS:
+                x_t, t = D.noised(z, level, ac, seed=0)
+                unet(x_t, t, encoder_hidden_states=ctx)
+        maps = word_maps(record, 0, object_word_positions(sc), size=r.image.shape[:2])
+        hits = [bool(dilate(r.masks[i])[peak(maps[i, 0])]) for i in range(2)]
+        per_object += hits
+        per_scene.append(all(hits))
+    return {"peak_in_object": float(np.mean(per_object)), "both_peaks_right": float(np.mean(per_scene)),
+            "scenes": len(scenes)}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@torch.no_grad()
+def unsupervised_masks(unet, te, tok, sc: S.Scene) -> torch.Tensor:
+    image = torch.from_numpy(S.render(sc).image[None])
+    return D.self_attention_masks(unet, M.VAE(), tok, te, image, concepts=2, noise_fraction=0.3, seed=0,
+                                  alphas_cumprod=M.train_alphas_cumprod())
+
+
+def mask_row(unet, te, tok, scenes: list[S.Scene]) -> dict:
+    ious = []
+    for sc in scenes:
+        masks = unsupervised_masks(unet, te, tok, sc).numpy() > 0.5
+        true = S.render(sc).masks
+        ious.append(np.mean([iou(masks[i], true[i]) for i in range(2)]))
+    return {"mean_iou": float(np.mean(ious)), "scenes": len(scenes)}
+
+
+@torch.no_grad()
+def sample_concept(unet, te, tok, concepts, word: str, seed: int) -> torch.Tensor:
+    cond, pos = D.concept_context(tok, te, concepts, f"a photo of {word}")
+    uncond = D.encode_text(tok, te, [""])
+    c = unet.config
+    gate = ResidualGate(D.unet_sites(unet), concepts.residuals, localized=True) if concepts.residuals else None
+    if gate is not None:
+        gate.install()
+    try:
+        z = D.sample(unet, M.build_scheduler(), cond, uncond, (1, c.in_channels, c.sample_size, c.sample_size),
+                     steps=M.SAMPLE_STEPS, guidance=M.GUIDANCE, seed=seed, gate=gate, token_idx=pos)
+    finally:
+        if gate is not None:
+            gate.remove()
+    return ((M.from_latents(z.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bool, config: ExtractConfig) -> dict:
+    found, seconds = [], []
+    for sc in scenes:
+        r = S.render(sc)
+        image = torch.from_numpy(r.image[None])
+        masks = unsupervised_masks(unet, te, tok, sc) if unsupervised else torch.from_numpy(r.masks).float()
+        t0 = time.time()
+        concepts = D.extract_concepts(unet, M.VAE(), tok, te, image, masks, ["sks", "ohwx"], resolution=S.SIZE,
+                                      views=4, flip=False, config=config, prediction="v",
+                                      alphas_cumprod=M.train_alphas_cumprod())
+        seconds.append(time.time() - t0)
+        for i, o in enumerate(sc.objects):
+            for seed in SAMPLE_SEEDS:
+                img = sample_concept(unet, te, tok, concepts, concepts.tokens[i], seed)
+                reading = J.read(judge, img)[0]
+                found.append(any(ob.colour == o.colour and ob.shape == o.shape for ob in reading.objects))
+    return {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes),
+            "train_seconds_mean": round(float(np.mean(seconds)), 1)}
+
+
+def run(weights: str, judge_path: str, n_scenes: int, n_extract: int, config: ExtractConfig) -> dict:
+    torch.manual_seed(0)
+    unet, te, tok = M.load(weights)
+    judge = J.load(judge_path)
+    scenes = two_object_scenes(max(n_scenes, n_extract))
+    res = {"scene_seed0": SCENE_SEED0, "sample_seeds": list(SAMPLE_SEEDS), "noise_levels": list(NOISE_LEVELS),
+           "weights_sha256": M.sha256(weights), "extract_config": vars(config)}
+    t0 = time.time()
+    res["heatmap"] = heatmap_row(unet, te, tok, scenes[:n_scenes])
+    res["unsupervised_masks"] = mask_row(unet, te, tok, scenes[:n_scenes])
+    res["seconds_maps"] = round(time.time() - t0, 1)
+    if n_extract:
+        res["extract_true_masks"] = extraction_row(unet, te, tok, judge, scenes[:n_extract], False, config)
+        res["extract_unsupervised_masks"] = extraction_row(unet, te, tok, judge, scenes[:n_extract], True, config)
+    return res
+
+
+def table(res: dict) -> str:
+    h, m = res["heatmap"], res["unsupervised_masks"]
+    lines = [f"{'row':<34} {'value':>7}  target",
+             f"{'heatmap peak inside its object':<34} {h['peak_in_object']:7.3f}  (per object; {h['scenes']} scenes)",
+             f"{'heatmap: both peaks right':<34} {h['both_peaks_right']:7.3f}  >= 0.90 of two-object scenes",
+             f"{'unsupervised masks, mean IoU':<34} {m['mean_iou']:7.3f}  >= 0.70"]
+    for key, label in (("extract_true_masks", "extracted (true masks), alone"),
+                       ("extract_unsupervised_masks", "extracted (own masks), alone")):
+        if key in res:
+            r = res[key]
+            lines.append(f"{label:<34} {r['recognised_alone']:7.3f}  >= 0.80  ({r['samples']} samples, "
+                         f"{r['train_seconds_mean']} s training per scene)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=M.DEFAULT_WEIGHTS)
+    ap.add_argument("--judge", default=os.path.join(M.HERE, "weights", "judge.safetensors"))
+    ap.add_argument("--scenes", type=int, default=60)
+    ap.add_argument("--extract-scenes", type=int, default=6)
+    ap.add_argument("--handle-steps", type=int, default=100)
+    ap.add_argument("--joint-steps", type=int, default=150)
+    ap.add_argument("--json", default="bench/toyworld/results/see.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO)
+    cfg = ExtractConfig(handle_steps=args.handle_steps, joint_steps=args.joint_steps)
+    res = run(args.weights, args.judge, args.scenes, args.extract_scenes, cfg)
+    print(table(res))
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
