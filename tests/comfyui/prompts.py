@@ -3,6 +3,7 @@
 Node ids of the stock text-to-image prompt, so tests can splice nodes in (see ``insert_model_node``).
 """
 import copy
+import uuid
 from pathlib import Path
 
 CKPT, POSITIVE, NEGATIVE, EMPTY_LATENT, KSAMPLER, VAE_DECODE, SAVE_IMAGE, SAVE_LATENT = (
@@ -45,7 +46,8 @@ def insert_model_node(prompt, node_id, class_type, inputs, model_input="model", 
 WORKFLOWS = Path(__file__).resolve().parent.parent.parent / "workflows"
 
 
-def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_name=None, save_name=None, **node_inputs):
+def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_name=None, save_name=None,
+                    concepts_name=None, **node_inputs):
     """workflows/api/<name>.json shrunk for a CPU test: the given checkpoint, ``size`` px, few steps.
 
     ``node_inputs`` maps a class_type to extra input values, e.g. ``ConceptsApplyResidualsLocalized={"strength": 0}``.
@@ -71,6 +73,10 @@ def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_nam
             ins.update(steps=train_steps, resolution=size, views=1, batch_size=1)
         elif kind == "ConceptsFreeCustom":
             ins.update(resolution=size)
+        elif kind == "ConceptsSaveConcepts":  # a fresh file per run: saving never meets an existing one
+            ins["save_name"] = f"tests/concepts_{uuid.uuid4().hex[:8]}"
+        elif kind == "ConceptsLoadConcepts" and concepts_name is not None:
+            ins["concepts_name"] = concepts_name
         elif kind == "ConceptsSaveResiduals" and save_name is not None:
             ins["save_name"] = save_name
         elif kind == "ConceptsLoadResiduals" and residual_name is not None:

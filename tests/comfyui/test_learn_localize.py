@@ -51,7 +51,7 @@ def test_every_workflow_runs_to_an_image(comfy_server, ckpt):
     names = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
     assert {"learn_residuals", "apply_residuals", "apply_residuals_lag"} <= set(names)
     for wf in names:
-        if wf == "learn_residuals":
+        if wf in ("learn_residuals", "apply_saved_concepts"):  # the latter: test_see, after a save
             continue
         out = comfy_server.run(workflow_prompt(wf, ckpt, residual_name=name))
         images = harness.output_refs(out, "images")

@@ -154,25 +154,25 @@ def test_an_empty_user_mask_is_an_error(comfy_server):
 
 
 def test_saved_concepts_load_back_to_the_same_latent(comfy_server):
+    """extract_concepts_supervised saves the concepts; apply_saved_concepts samples them: same latent as direct."""
     from .test_learn_localize import add_inputs
 
     add_inputs(comfy_server)
-    p = workflow_prompt("extract_concepts_supervised", SD15)
-    learn = node_id(p, "ConceptsLearnConcepts")
-    apply = node_id(p, "ConceptsApplyConcepts")
-    ks = node_id(p, "KSampler")
-    p["90"] = {"class_type": "ConceptsSaveConcepts", "inputs": {"concepts": [learn, 0],
-                                                                "save_name": "tests/pair", "overwrite": False}}
-    p["91"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": "latents/pair_direct"}}
+    p = workflow_prompt("extract_concepts_supervised", SD15, ConceptsApplyConcepts={"text": "a photo of ohwx"})
+    save = node_id(p, "ConceptsSaveConcepts")
+    name = p[save]["inputs"]["save_name"]
+    p["91"] = {"class_type": "SaveLatent", "inputs": {"samples": [node_id(p, "KSampler"), 0],
+                                                      "filename_prefix": "latents/pair_direct"}}
     direct = comfy_server.read_latent(harness.output_refs(comfy_server.run(p), "latents")[0])
-    path = comfy_server.base_dir / "models" / "loras" / "tests" / "pair.safetensors"
-    assert path.is_file()
-    q = workflow_prompt("extract_concepts_supervised", SD15)
-    q = {k: v for k, v in q.items() if k in (node_id(q, "CheckpointLoaderSimple"), apply, ks,
-                                                 node_id(q, "EmptyLatentImage"), node_id(q, "CLIPTextEncode"))}
-    q["92"] = {"class_type": "ConceptsLoadConcepts", "inputs": {"concepts_name": "tests/pair.safetensors"}}
-    q[apply]["inputs"]["concepts"] = ["92", 0]
-    q["91"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": "latents/pair_loaded"}}
+    path = comfy_server.base_dir / "models" / "loras" / f"{name}.safetensors"
+    before = path.read_bytes()
+    q = workflow_prompt("apply_saved_concepts", SD15, concepts_name=f"{name}.safetensors",
+                        ConceptsApplyConcepts={"text": "a photo of ohwx"})
+    q["91"] = {"class_type": "SaveLatent", "inputs": {"samples": [node_id(q, "KSampler"), 0],
+                                                      "filename_prefix": "latents/pair_loaded"}}
     loaded = comfy_server.read_latent(harness.output_refs(comfy_server.run(q), "latents")[0])
     assert loaded.equal(direct)
-    assert "already exists" in comfy_server.run_expect_error(p)  # the second save refuses, the file stays
+    p[save]["inputs"]["save_name"] = name
+    p[node_id(p, "ConceptsLearnConcepts")]["inputs"]["seed"] = 5  # new training, same file name
+    assert "already exists" in comfy_server.run_expect_error(p)
+    assert path.read_bytes() == before  # the saved file is untouched
