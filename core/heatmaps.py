@@ -16,6 +16,7 @@ from .attention import all_token_attention
 from .capture import qk_hooks, remove_hooks
 from .layouts import TransformerSite
 from .masks import block_hw
+from .tokens import same_prompt
 
 DEFAULT_BINS = 10
 
@@ -50,7 +51,7 @@ class AttentionRecord:
 
     def source_of(self, context_row: torch.Tensor, same=None) -> int | None:
         """Index of the source whose reference context is ``context_row`` (a new one if room is left)."""
-        same = same or _same_context
+        same = same or same_prompt
         for i, ref in enumerate(self.contexts):
             if same(context_row, ref):
                 return i
@@ -71,15 +72,6 @@ class AttentionRecord:
         if self.latent_hw is None:
             return []
         return sorted({block_hw(n, self.latent_hw)[1] for _, n, _ in self.sums})
-
-
-def _same_context(row: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether a conditioning row [L', D] starts with the reference prompt [L, D] (fp16 rounding tolerated)."""
-    n = ref.shape[0]
-    if row.shape[0] < n or row.shape[-1] != ref.shape[-1]:
-        return False
-    r = ref.to(row.device, row.dtype)
-    return bool(torch.allclose(row[:n], r, rtol=1e-2, atol=1e-2 * float(r.abs().max().clamp_min(1e-6))))
 
 
 def step_bin(step_fraction: float, bins: int) -> int:

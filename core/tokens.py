@@ -1,6 +1,8 @@
 """Finding a concept's words among a prompt's tokens."""
 from __future__ import annotations
 
+import torch
+
 DEFAULT_TOKEN = "sks"  # a rare CLIP token, as DreamBooth and the paper's V* use
 
 
@@ -31,3 +33,13 @@ def word_positions(prompt_ids: list[int], words: dict[str, list[int]], prompt: s
                 "(for a learned concept: 'a photo of a <token> <class word>') or change the token/class word")
         positions.update(hits)
     return sorted(positions)
+
+
+def same_prompt(row: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether a conditioning row [L', D] starts with the encoded reference prompt [L, D] (fp16 rounding tolerated):
+    how nodes recognise, inside the sampler, the prompt whose token positions they know."""
+    n = reference.shape[0]
+    if row.shape[0] < n or row.shape[-1] != reference.shape[-1]:
+        return False
+    ref = reference.to(row.device, row.dtype)
+    return bool(torch.allclose(row[:n], ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))))

@@ -18,12 +18,12 @@ from ..core import training
 from ..core.erase import cross_attention_projections
 from ..core.layouts import family_label
 from ..core.patching.comfy import (
-    _matches,
     apply_global,
     concept_positions,
     model_family,
     model_sites,
     prompt_token_ids,
+    same_prompt,
     trainable_clone,
 )
 from ..core.patching.comfy_compose import (
@@ -481,7 +481,7 @@ def _check_conditioning(conditioning, encoded: torch.Tensor, skip: list[int], te
     keep[[p for p in skip if p < encoded.shape[0]]] = False
     for cond, _ in conditioning:
         row = cond[0]
-        if row.shape[0] < encoded.shape[0] or not _matches(row[:encoded.shape[0]][keep], encoded[keep]):
+        if row.shape[0] < encoded.shape[0] or not same_prompt(row[:encoded.shape[0]][keep], encoded[keep]):
             raise ValueError(f"the conditioning was not encoded from the text \"{text}\": connect the "
                              "CLIPTextEncode of the same prompt (or copy its text here) so the concepts' token "
                              "positions are right")

@@ -5,9 +5,9 @@ import re
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..core.heatmaps import AttentionRecord, RecordError, _same_context, overlay, word_maps
+from ..core.heatmaps import AttentionRecord, RecordError, overlay, word_maps
 from ..core.patching.comfy import apply_recording, prompt_token_ids, word_token_ids
-from ..core.tokens import find_subsequence
+from ..core.tokens import find_subsequence, same_prompt
 from ._common import CATEGORY
 
 Record = io.Custom("CONCEPT_ATTENTION_RECORD")
@@ -112,7 +112,7 @@ class AttentionHeatmaps(io.ComfyNode):
                               "these images, and its record here")
         positions = word_token_positions(clip, text, chosen)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0][0]
-        source = next((i for i, ref in enumerate(record.contexts) if _same_context(ref, cond[: ref.shape[0]])), None)
+        source = next((i for i, ref in enumerate(record.contexts) if same_prompt(ref, cond[: ref.shape[0]])), None)
         if source is None:
             raise RecordError("the prompt typed here is not a positive prompt of the recorded run: paste the exact "
                               "prompt the sampler used")

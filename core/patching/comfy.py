@@ -13,7 +13,7 @@ import torch
 from ..layouts import find_sites
 from ..localize import ResidualGate, cfg_plan
 from ..residuals import ResidualSet, to_state_dict
-from ..tokens import word_positions
+from ..tokens import same_prompt, word_positions
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ def concept_positions(clip, text: str, words: list[str]) -> list[int]:
     return word_positions(prompt_token_ids(clip, text), {w: word_token_ids(clip, w) for w in words if w}, text)
 
 
-def _matches(row: torch.Tensor, reference: torch.Tensor) -> bool:
-    n = reference.shape[0]
-    if row.shape[0] < n or row.shape[-1] != reference.shape[-1]:
-        return False
-    ref = reference.to(row.device, row.dtype)
-    return bool(torch.allclose(row[:n], ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))))
-
-
 def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Tensor, strength: float = 1.0,
                 block_strengths: dict[str, float] | None = None, rule: str = "median",
                 sigma_range: tuple[float, float] = (float("inf"), 0.0)):
@@ -135,11 +127,11 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
 
     def is_reference(context, row, uuid):
         if uuid is None:
-            return _matches(context[row], reference_cond)
+            return same_prompt(context[row], reference_cond)
         if uuid not in matched:
             if len(matched) > 4096:  # a long-lived server: forget old runs
                 matched.clear()
-            matched[uuid] = _matches(context[row], reference_cond)
+            matched[uuid] = same_prompt(context[row], reference_cond)
         return matched[uuid]
 
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -295,7 +287,7 @@ def regions_wrappers(regions, reference_cond: torch.Tensor | None, rule: str = "
                 elif key is not None and key in matched:
                     chunks.append(matched[key])
                 else:
-                    hit = _matches(context[c * size], reference_cond)
+                    hit = same_prompt(context[c * size], reference_cond)
                     if key is not None:
                         matched[key] = hit
                     chunks.append(hit)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..compose import merge_projector, mrsa_attention, nms_attention
 from ..residuals import LowRank, ResidualSet, residual_forward
-from .comfy import DIFFUSION_MODEL, OUTER_SAMPLE, _matches
+from ..tokens import same_prompt
+from .comfy import DIFFUSION_MODEL, OUTER_SAMPLE
 
 MRSA_KEY = "concepts_mrsa"
 NMS_KEY = "concepts_nms"
@@ -343,7 +344,7 @@ def nms_patches(concepts: list[list[int]], reference_cond: torch.Tensor, attenti
             uid = uuids[c]
             hit = matched.get(uid) if uid is not None else None
             if hit is None:
-                hit = _matches(context[c * size], reference_cond)
+                hit = same_prompt(context[c * size], reference_cond)
                 if uid is not None:
                     if len(matched) > 4096:
                         matched.clear()
