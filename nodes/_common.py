@@ -4,11 +4,14 @@ from __future__ import annotations
 import logging
 import os
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..core import residuals as R
-from ..core.patching.comfy import model_family, model_sites
+from ..core.patching.comfy import model_family, model_sites, trainable_clone
 
 log = logging.getLogger("comfyui-concepts")
 
@@ -54,3 +57,24 @@ def checked_sites(model, rs: R.ResidualSet):
 
 def strengths_for(text: str, rs: R.ResidualSet) -> dict[str, float]:
     return R.parse_block_strengths(text or "", list(rs.layers))
+
+
+def step_progress(total: int):
+    """A ``progress(step, total, loss)`` callback for the core's training loops: drives ComfyUI's progress bar and
+    stops the run when the user cancels."""
+    pbar = comfy.utils.ProgressBar(total)
+
+    def progress(step, n, loss):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(step, n)
+    return progress
+
+
+def training_patcher(model):
+    """(a trainable clone of ``model``, the torch device): bf16 compute on CUDA where the card has it (autograd in
+    fp16 would need loss scaling). Call inside ``torch.inference_mode(False)``."""
+    mp = trainable_clone(model)
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cuda":
+        mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    return mp, device

@@ -83,8 +83,8 @@ class ConceptRegion(io.ComfyNode):
     def execute(cls, strength, words, regions=None, residuals=None, lora_name=NONE, mask=None):
         if (residuals is None) == (lora_name in (None, "", NONE)):
             raise ValueError("give this region either residuals or a LoRA file (exactly one)")
-        entry = {"strength": strength, "words": split_words(words), "residuals": residuals,
-                 "lora_name": None if residuals is not None else lora_name, "mask": None}
+        entry = dict(strength=strength, words=split_words(words), residuals=residuals,
+                     lora_name=None if residuals is not None else lora_name, mask=None)
         if mask is not None:
             m = mask[0] if mask.ndim == 3 else mask
             if float(m.max()) <= 0:

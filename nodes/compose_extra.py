@@ -24,7 +24,6 @@ from ..core.patching.comfy import (
     model_sites,
     prompt_token_ids,
     same_prompt,
-    trainable_clone,
 )
 from ..core.patching.comfy_compose import (
     KVResidualHooks,
@@ -41,7 +40,7 @@ from ..core.patching.comfy_compose import (
 )
 from ..core.plots import line_plot
 from ..core.tokens import DEFAULT_TOKEN
-from ._common import CATEGORY, Residuals, check_free, log, lora_path, save_residuals
+from ._common import CATEGORY, Residuals, check_free, log, lora_path, save_residuals, step_progress, training_patcher
 from .learn import _ResidualTrainer
 
 COMPOSE = f"{CATEGORY}/compose"
@@ -177,11 +176,7 @@ class TrainCustomDiffusion(io.ComfyNode):
         family = model_family(model)
         meta = training.residual_metadata(family, class_word, token, config, resolution)
         meta.update(technique="custom_diffusion", rank=str(rank), targets="attn2.to_k, attn2.to_v")
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def progress(step, total, loss):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step, total)
+        progress = step_progress(steps)
 
         view_images, view_masks = training.make_views(images[..., :3].cpu(), None if masks is None else masks.cpu(),
                                                       resolution, views, seed)
@@ -192,10 +187,7 @@ class TrainCustomDiffusion(io.ComfyNode):
             latents = latents.detach().clone()
             lat_masks = training.latent_masks(None if view_masks is None else view_masks.clone(),
                                               latents.shape[-2:])
-            mp = trainable_clone(model)
-            device = comfy.model_management.get_torch_device()
-            if device.type == "cuda":
-                mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+            mp, device = training_patcher(model)
             modules = _kv_modules(mp)
             shapes = [(name, m.weight.shape[1], m.weight.shape[0]) for name, m in modules.items()]
             rs = init_kv_residuals(shapes, rank, seed=seed, device=device, metadata=meta)

@@ -17,7 +17,7 @@ from ..core import leace, training
 from ..core import residuals as R
 from ..core import sliders as S
 from ..core.localize import ResidualGate
-from ..core.patching.comfy import apply_global, model_family, model_sites, trainable_clone
+from ..core.patching.comfy import apply_global, model_family, model_sites
 from ..core.patching.comfy_erase import (
     add_steering,
     apply_slider,
@@ -29,7 +29,17 @@ from ..core.patching.comfy_erase import (
 )
 from ..core.plots import line_plot
 from ..core.steering import MODES
-from ._common import CATEGORY, Residuals, check_free, checked_sites, log, lora_path, save_residuals
+from ._common import (
+    CATEGORY,
+    Residuals,
+    check_free,
+    checked_sites,
+    log,
+    lora_path,
+    save_residuals,
+    step_progress,
+    training_patcher,
+)
 
 ERASE = f"{CATEGORY}/erase"
 
@@ -276,20 +286,13 @@ def _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, bat
     family = model_family(model)
     meta = S.slider_metadata(family, prompts, eta, config, technique)
     meta.update(resolution=str(resolution))
-    pbar = comfy.utils.ProgressBar(steps)
-
-    def progress(step, total, loss):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(step, total)
+    progress = step_progress(steps)
 
     with torch.no_grad():
         conds = {k: clip.encode_from_tokens_scheduled(clip.tokenize(v)) for k, v in prompts.items()}
     channels = model.get_model_object("latent_format").latent_channels
     with torch.inference_mode(False), torch.enable_grad():
-        mp = trainable_clone(model)
-        device = comfy.model_management.get_torch_device()
-        if device.type == "cuda":
-            mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+        mp, device = training_patcher(model)
         sites = model_sites(mp)
         rs = R.init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
                               metadata=meta)

@@ -21,7 +21,7 @@ from ..core.localize import ResidualGate
 from ..core.patching import comfy as P
 from ..core.plots import line_plot
 from ..core.tokens import find_subsequence
-from ._common import CATEGORY, check_free, checked_sites, log, lora_path
+from ._common import CATEGORY, check_free, checked_sites, log, lora_path, step_progress, training_patcher
 
 Concepts = io.Custom("CONCEPT_SET")
 
@@ -212,11 +212,7 @@ class LearnConcepts(io.ComfyNode):
             latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
             base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,))))
         total = config.handle_steps + config.joint_steps
-        pbar = comfy.utils.ProgressBar(total)
-
-        def progress(step, n, loss):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step, n)
+        progress = step_progress(total)
 
         family = P.model_family(model)
         with torch.inference_mode(False), torch.enable_grad():
@@ -224,12 +220,9 @@ class LearnConcepts(io.ComfyNode):
             lat_masks = F.interpolate(vmasks.clone(), size=latents.shape[-2:], mode="bilinear", align_corners=False)
             contexts = {k: v.clone() for k, v in contexts.items()}
             handles = [h.clone() for h in handles]
-            mp = P.trainable_clone(model)
+            mp, device = training_patcher(model)
             state: dict = {}
             mp.add_wrapper_with_key(P.DIFFUSION_MODEL, P.WRAPPER_KEY + "-handles", _context_override(state))
-            device = comfy.model_management.get_torch_device()
-            if device.type == "cuda":
-                mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
             sites = P.model_sites(mp)
             rs = None
             if joint_steps > 0:

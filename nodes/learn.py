@@ -13,10 +13,21 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 from ..core import residuals as R
 from ..core import training
 from ..core.localize import ResidualGate
-from ..core.patching.comfy import apply_global, concept_positions, model_family, model_sites, trainable_clone
+from ..core.patching.comfy import apply_global, concept_positions, model_family, model_sites
 from ..core.plots import line_plot
 from ..core.tokens import DEFAULT_TOKEN
-from ._common import CATEGORY, Residuals, check_free, checked_sites, log, lora_path, save_residuals, strengths_for
+from ._common import (
+    CATEGORY,
+    Residuals,
+    check_free,
+    checked_sites,
+    log,
+    lora_path,
+    save_residuals,
+    step_progress,
+    strengths_for,
+    training_patcher,
+)
 
 
 class _ResidualTrainer(comfy.samplers.Sampler):
@@ -112,11 +123,7 @@ class TrainPersonalizedResiduals(io.ComfyNode):
         config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
         family = model_family(model)
         meta = training.residual_metadata(family, class_word, token, config, resolution)
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def progress(step, total, loss):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step, total)
+        progress = step_progress(steps)
 
         view_images, view_masks = training.make_views(images[..., :3].cpu(), None if masks is None else masks.cpu(),
                                                       resolution, views, seed)
@@ -127,10 +134,7 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             latents = latents.detach().clone()  # tensors made under inference mode cannot enter autograd
             lat_masks = training.latent_masks(None if view_masks is None else view_masks.clone(),
                                               latents.shape[-2:])
-            mp = trainable_clone(model)
-            device = comfy.model_management.get_torch_device()
-            if device.type == "cuda":  # autograd in fp16 would need loss scaling: bf16 where the card has it
-                mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+            mp, device = training_patcher(model)
             sites = model_sites(mp)
             targets = R.select_sites([s for s, _ in sites], target_blocks or "")
             rs = R.init_residuals(targets, rank_ratio, seed=seed, device=device, metadata=meta)
