@@ -71,7 +71,7 @@ def evaluate(unet, text_encoder, tokenizer, judge, n_single: int = 48, n_two: in
     for name, n_obj, n in (("single", 1, n_single), ("two", 2, n_two)):
         scs = eval_scenes(n, n_obj, seed0=scene_seed0)
         imgs = M.generate(unet, text_encoder, tokenizer, [s.caption() for s in scs], seed=seed, steps=steps,
-                          guidance=guidance)
+                          guidance=guidance).cpu()
         checks = [J.attribute_checks(r, s) for r, s in zip(J.read(judge, imgs), scs, strict=True)]
         kinds = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
         kinds["all"] = float(np.mean([J.all_ok(c) for c in checks]))
@@ -104,16 +104,22 @@ def main(argv=None):
                     "model.UNET_CONFIG; the config is saved with the weights")
     ap.add_argument("--t-dist", default="uniform", help="training timesteps: uniform, or logitnormal:M,S")
     ap.add_argument("--min-snr", type=float, default=0, help="min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--snr-plus-one", action="store_true", help="with --min-snr G: weight min(snr + 1, G) / (snr + 1) "
+                    "(high-noise steps keep the plain v-loss weight)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--obj-weight", type=float, default=0,
                     help="loss weight 1 + this on the objects' pixels (masks dilated by one pixel); 0: plain MSE")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (fp32 weights)")
+    ap.add_argument("--device", default="cpu", help="cpu (the committed model) or cuda (recipe sweeps only: "
+                    "same scenes and noise, not bit-identical to a CPU run)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
     if args.eval_only:
         unet, te, tok = M.load(args.out)
+        unet, te = unet.to(dev), te.to(dev)
         seed0, noise = (VAL_SCENE_SEED0, VAL_SAMPLE_SEED) if args.val else (EVAL_SCENE_SEED0, EVAL_SAMPLE_SEED)
         res = evaluate(unet, te, tok, J.load(args.judge), args.n_single, args.n_two, args.sample_steps,
                        seed=noise, guidance=args.guidance, scene_seed0=seed0)
@@ -134,9 +140,11 @@ def main(argv=None):
         te.load_state_dict(t0_.state_dict())
         unet.requires_grad_(True)
         te.requires_grad_(True)
+    unet, te = unet.to(dev), te.to(dev)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2, fused=dev.type == "cuda" or None)
     warm = args.warmup
 
     def lr_at(step):
@@ -166,8 +174,8 @@ def main(argv=None):
     t0 = time.time()
     train_s = 0.0
     meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema,
-            "warmup": args.warmup, "t_dist": args.t_dist, "min_snr": args.min_snr, "bf16": args.bf16,
-            "obj_weight": args.obj_weight}
+            "warmup": args.warmup, "t_dist": args.t_dist, "min_snr": args.min_snr, "snr_plus_one": args.snr_plus_one,
+            "bf16": args.bf16, "obj_weight": args.obj_weight}
     if args.init:
         meta["init_sha256"] = M.sha256(args.init)
 
@@ -189,6 +197,7 @@ def main(argv=None):
         logf.flush()
 
     losses = []
+    skipped = 0
     for step in range(args.steps):
         ts = time.time()
         scs = [next(stream) for _ in range(args.batch)]
@@ -199,7 +208,7 @@ def main(argv=None):
         for c in caps:
             if c not in id_cache:
                 id_cache[c] = token_ids(tok, c)
-        ids = torch.tensor([id_cache[c] for c in caps])
+        ids = torch.tensor([id_cache[c] for c in caps], device=dev)
         rens = [S.render(sc) for sc in scs]
         x0 = torch.from_numpy(np.stack([r.image for r in rens])).permute(0, 3, 1, 2) * 2 - 1
         w = None
@@ -214,25 +223,30 @@ def main(argv=None):
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            pred = unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample.float()
+        x_t, v, w = x_t.to(dev), v.to(dev), (w.to(dev) if w is not None else None)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            pred = unet(x_t, t.to(dev), encoder_hidden_states=te(ids)[0]).sample.float()
         err = (pred - v).pow(2)
         per = (err * w).mean((1, 2, 3)) / w.mean((1, 2, 3)) if w is not None else err.mean((1, 2, 3))
-        if args.min_snr:  # v-prediction: weight min(snr, gamma) / (snr + 1)
-            snr = ac[t] / (1 - ac[t])
-            per = per * snr.clamp(max=args.min_snr) / (snr + 1)
+        if args.min_snr:  # v-prediction: weight min(snr, gamma) / (snr + 1), i.e. x0-loss weight min(snr, gamma)
+            snr = (ac[t] / (1 - ac[t])).to(dev)
+            # --snr-plus-one: x0-loss weight min(snr + 1, gamma): the plain v-loss's weight 1 at high noise, where
+            # the layout (and so the place words) is decided, and the min-SNR cap at low noise
+            per = per * (snr + 1 if args.snr_plus_one else snr).clamp(max=args.min_snr) / (snr + 1)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if torch.isfinite(gnorm):
+            opt.step()
+        else:  # a bf16 overflow: skip this batch rather than poison the weights (and the EMA) with NaN
+            skipped += 1
+            log.warning("step %d: non-finite gradient, update skipped (%d so far)", step + 1, skipped)
         sched.step()
         with torch.no_grad():  # EMA with warm-up: early on it follows the weights, not their random start
             decay = min(args.ema, (1 + step) / (10 + step))
-            for src, dst in ((unet, ema_unet), (te, ema_te)):
-                for p, q in zip(src.parameters(), dst.parameters(), strict=True):
-                    q.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        losses.append(loss.item() if torch.isfinite(loss) else float("nan"))
         train_s += time.time() - ts
         if (step + 1) % 50 == 0:
             log.info("step %d/%d loss %.4f (%.0f s training, %.0f s wall)", step + 1, args.steps,
