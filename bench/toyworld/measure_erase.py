@@ -10,7 +10,8 @@ judge over sampling seeds ``EVAL_SEEDS``:
 - specificity: share of the other colours' prompts whose object has the asked colour, and its drop from the
   base model's (target: drop <= 0.02).
 Rows: the base model; the closed-form edit without / with RealEra neighbours; LEACE on the prompt's conditioning;
-steering during sampling (negative guidance, SLD); ESD-style residual fine-tuning. With ``--attack``, also
+steering during sampling (negative guidance, SLD); ESD-style residual fine-tuning; a concept slider ("a red shape" /
+"a shape") applied at strength -1 and -2. With ``--attack``, also
 the concept-inversion attack: a new token learned on 4 red renders through each erased pipeline, and how often
 "a sks <shape> ..." prompts then draw red (``attack_red_rate``).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -116,12 +118,13 @@ class Erased:
     cond_fn: Callable | None = None
     steer: tuple | None = None
     residuals: R.ResidualSet | None = None
+    strength: float = 1.0  # of the residuals (a slider turned down: negative)
 
 
 def sample(e: Erased, te, tok, prompts, seed):
     if e.residuals is None:
         return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
-    with ResidualGate(D.unet_sites(e.unet), e.residuals) as gate:
+    with ResidualGate(D.unet_sites(e.unet), e.residuals, e.strength) as gate:
         return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer, gate)
 
 
@@ -189,7 +192,30 @@ def row_steer_sld(unet, te, tok):
 
 
 def row_esd(unet, te, tok, steps=200):
-    prompts = SL.esd_prompts(f"a {ERASED} shape")
+    return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps)
+
+
+def row_slider(unet, te, tok, steps=200, strength=-1.0):
+    """A concept slider "a red shape" / "a shape" (neutral: their shared words), turned down: ``strength`` < 0."""
+    plus, minus = f"a {ERASED} shape", "a shape"
+    SL.slider_words(plus, minus)  # the pair differs in the attribute alone
+    prompts = {"neutral": SL.neutral_prompt(plus, minus), "plus": plus, "minus": minus}
+    key = (id(unet), steps)
+    if key not in _SLIDERS:  # one training serves every strength
+        _SLIDERS[key] = _guided_residuals(unet, te, tok, prompts, steps)
+    trained = _SLIDERS[key]
+    return dataclasses.replace(trained, strength=strength, note=f"strength {strength:g}, {trained.note}")
+
+
+_SLIDERS: dict[tuple, Erased] = {}
+
+
+def row_slider_strong(unet, te, tok):
+    return row_slider(unet, te, tok, strength=-2.0)
+
+
+def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int) -> Erased:
+    """Residuals trained to follow core.sliders.guided_target for ``prompts`` (ESD and sliders alike)."""
     contexts = {k: D.encode_text(tok, te, [v]) for k, v in prompts.items()}
     sites = D.unet_sites(unet)
     rs = R.init_residuals([s for s, _ in sites], fixed_rank=4, seed=0, init_scale=0.0)
@@ -261,7 +287,8 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "uce_strong_preserve": row_uce_strong_preserve, "uce_word_rows": row_uce_word_rows,
                              "leace": row_leace,
                              "leace_per_position": row_leace_per_position, "steer_negative": row_steer_negative,
-                             "steer_sld": row_steer_sld, "esd": row_esd}
+                             "steer_sld": row_steer_sld, "esd": row_esd, "slider": row_slider,
+                             "slider_strong": row_slider_strong}
 
 
 def measure(e: Erased, te, tok, judge, prompts) -> dict[str, float]:
