@@ -79,6 +79,8 @@ class RegionGate:
         self._site_masks: dict[str, tuple[int, torch.Tensor]] = {}  # site -> (maps version, masks)
         self._version: dict[str, int] = {}
         self._fallback: dict[int, torch.Tensor] = {}  # positions -> masks from user masks alone
+        # fused per-position gates, shared by every layer of one resolution: key -> (masks they came from, gates)
+        self._gates: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._kv_blocks: dict[str, list[int]] = {}
         self._known_hw: list[tuple[int, int]] = []
         self._attn2_ran: set[str] = set()
@@ -123,6 +125,7 @@ class RegionGate:
         remove_hooks(self._handles)
         self._maps.clear()
         self._site_masks.clear()
+        self._gates.clear()
 
     def __enter__(self):
         return self.install()
@@ -142,6 +145,7 @@ class RegionGate:
         self._site_masks.clear()
         self._version.clear()
         self._attn2_ran.clear()
+        self._gates.clear()
 
     # ---------------------------------------------------------------- maps and masks
     def _wanted(self) -> bool:
@@ -233,8 +237,22 @@ class RegionGate:
                 down = torch.cat([lay.down for lay in layers]).to(device, dtype)
                 up = torch.cat([lay.up * (lay.scale * self.regions[i].strength) for i, lay in zip(active, layers,
                                                                                                    strict=True)], 1)
-                fused[key] = (down, up.to(device, dtype), torch.tensor([lay.rank for lay in layers], device=device))
+                ranks = tuple(lay.rank for lay in layers)
+                fused[key] = (down, up.to(device, dtype), torch.tensor(ranks, device=device), ranks)
             return fused[key]
+
+        def fused_gates(masks, b, hw, dtype, ranks, rank_key, conv):
+            """[B, N, R*r] (conv: [B, R*r, h, w]) gates in rank space; built once per masks and layout, since every
+            layer of a resolution uses the same masks."""
+            key = (id(masks), tuple(active), b, dtype, rank_key, conv)
+            hit = self._gates.get(key)
+            if hit is None or hit[0] is not masks:
+                gates = torch.stack([self._batch_gate(masks, i, b) for i in active], -1).to(dtype)
+                gates = gates.repeat_interleave(ranks, dim=-1)
+                if conv:
+                    gates = gates.transpose(1, 2).reshape(b, -1, *hw)
+                hit = self._gates[key] = (masks, gates)
+            return hit[1]
 
         def hook(mod, inputs, output):
             if not active:
@@ -251,12 +269,10 @@ class RegionGate:
             masks = self._masks_for(path, hw, output.device)
             if fusable:  # one pair of matmuls for every region: the gate is a per-position scalar, so it can
                 # multiply the rank-space activations before the up projection
-                down, up, ranks = factors(output.dtype, output.device)
-                gates = torch.stack([self._batch_gate(masks, i, b) for i in active], -1).to(output.dtype)
-                gates = gates.repeat_interleave(ranks, dim=-1)  # [B, N, R*r]
+                down, up, ranks, rank_key = factors(output.dtype, output.device)
+                gates = fused_gates(masks, b, hw, output.dtype, ranks, rank_key, output.ndim == 4)
                 if output.ndim == 4:
-                    h = F.conv2d(x.to(output.dtype), down[:, :, None, None])
-                    h = h * gates.transpose(1, 2).reshape(b, -1, *hw)
+                    h = F.conv2d(x.to(output.dtype), down[:, :, None, None]) * gates
                     return output + F.conv2d(h, up[:, :, None, None])
                 h = F.linear(x.to(output.dtype), down) * gates
                 return output + F.linear(h, up)

@@ -86,6 +86,25 @@ def test_a_full_mask_is_the_lora_applied_globally(unet, call):
 
 
 @torch.no_grad()
+def test_fused_regions_with_an_empty_and_a_full_mask_are_the_full_one_applied_globally(unet, call):
+    # two active regions take the fused path (one matmul pair per layer, gates shared by every layer of a
+    # resolution); over two calls, so gates built for one call are not reused for the next
+    modules = unet_modules(unet)
+    paths = [p for p in modules if p.endswith(("attn1.to_q", "ff.net.2", "proj_out"))]
+    empty, full = random_lora(modules, paths, seed=3), random_lora(modules, paths, seed=4)
+    x, t, ctx = call
+    gate = RegionGate(modules, unet_sites(unet), [Region(empty, 1.0, mask=torch.zeros(16, 16)),
+                                                    Region(full, 0.7, mask=torch.ones(16, 16))])
+    gate.set_latent_hw(tuple(x.shape[-2:]))
+    ref = merged(unet, full, 0.7)(x, t, encoder_hidden_states=ctx).sample
+    with gate:
+        for _ in range(2):
+            gate.begin_call((), ())
+            out = unet(x, t, encoder_hidden_states=ctx).sample
+            assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_an_empty_mask_is_the_base_model_exactly(unet, call):
     modules = unet_modules(unet)
     out = run_gate(unet, call, [Region(random_lora(modules, some_paths(modules)), 1.0, mask=torch.zeros(16, 16))])
