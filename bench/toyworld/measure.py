@@ -83,14 +83,15 @@ def score(reading: J.Reading, p: Prompt) -> dict[str, bool]:
     concept = objs[0] if objs else None
     if p.position is not None and len(objs) == 1:
         concept = objs[0]
-    fid = concept is not None and all(getattr(concept, k) == v for k, v in CONCEPT.items())
+    parts = {k: concept is not None and getattr(concept, k) == v for k, v in CONCEPT.items()}
+    fid = all(parts.values())
     edit = len(objs) == n_want and reading.background == p.background
     if p.other is None:
         edit = edit and objs[0].position == p.position
     elif edit:
         o = objs[1]
         edit = (o.shape, o.colour, o.texture) == (p.other.shape, p.other.colour, p.other.texture)
-    return {"fidelity": bool(fid), "editability": bool(edit)}
+    return {"fidelity": bool(fid), "editability": bool(edit), **{f"concept_{k}": bool(v) for k, v in parts.items()}}
 
 
 def dilate(m: np.ndarray) -> np.ndarray:
@@ -304,19 +305,22 @@ def run(weights: str, judge_path: str, steps: int, rows: list[str], lr: float = 
     for name in rows:
         t0 = time.time()
         row = ROWS[name](ctx)
-        fid, edit, kept = [], [], []
+        fid, edit, kept, parts = [], [], [], {f"concept_{k}": [] for k in CONCEPT}
         for s in EVAL_SEEDS:
             imgs = row.sample(texts, s).numpy()
             for i, (rd, p) in enumerate(zip(J.read(judge, torch.from_numpy(imgs)), prompts, strict=True)):
                 sc = score(rd, p)
                 fid.append(sc["fidelity"])
                 edit.append(sc["editability"])
+                for k in parts:  # which of the concept's attributes came out (fidelity needs all of them)
+                    parts[k].append(sc[k])
                 masks = [o.mask for o in rd.objects] + [o.mask for o in ref_read[s][i].objects]
                 kept.append(background_kept(imgs[i], refs[s][i], masks))
         results[name] = {"fidelity": float(np.mean(fid)), "editability": float(np.mean(edit)),
                          "background_kept": float(np.mean(kept)), "params": row.params,
                          "train_seconds": round(row.train_seconds, 1), "samples": len(fid), "note": row.note,
-                         "row_seconds": round(time.time() - t0, 1)}
+                         "row_seconds": round(time.time() - t0, 1),
+                         **{k: float(np.mean(v)) for k, v in parts.items()}}
         log.info("%s %s", name, results[name])
     return {"concept": CONCEPT, "token": TOKEN, "class_word": CLASS_WORD, "train_steps": steps, "lr": lr,
             "train_seed": TRAIN_SEED, "concept_render_seeds": [CONCEPT_RENDER_SEED0 + i for i in range(4)],
@@ -325,10 +329,12 @@ def run(weights: str, judge_path: str, steps: int, rows: list[str], lr: float = 
 
 
 def table(res: dict) -> str:
-    head = f"{'row':<22} {'fidelity':>8} {'edit':>6} {'bg kept':>7} {'params':>7} {'train s':>7}  note"
+    head = (f"{'row':<22} {'fidelity':>8} {'shape':>6} {'colour':>6} {'edit':>6} {'bg kept':>7} {'params':>7} "
+            f"{'train s':>7}  note")
     lines = [head, "-" * len(head)]
     for name, r in res["rows"].items():
-        lines.append(f"{name:<22} {r['fidelity']:>8.3f} {r['editability']:>6.3f} {r['background_kept']:>7.3f} "
+        lines.append(f"{name:<22} {r['fidelity']:>8.3f} {r.get('concept_shape', 0):>6.3f} "
+                     f"{r.get('concept_colour', 0):>6.3f} {r['editability']:>6.3f} {r['background_kept']:>7.3f} "
                      f"{r['params']:>7d} {r['train_seconds']:>7.1f}  {r['note']}")
     return "\n".join(lines)
 
