@@ -328,7 +328,8 @@ class RegionGate:
                 return None
             heads = mod.heads
             masks = self._masks_for(attn_path, hw, output.device)
-            ks, vs, gates = [k], [v], []
+            base = _attention(q, k, v, heads)
+            mix = None
             for i in regions:
                 r = self.regions[i]
                 if r.strength == 0.0:
@@ -338,15 +339,11 @@ class RegionGate:
                     kr = k + r.strength * lora_forward(r.layers[f"{attn_path}.to_k"], ctx.to(k.dtype))
                 if f"{attn_path}.to_v" in r.layers:
                     vr = v + r.strength * lora_forward(r.layers[f"{attn_path}.to_v"], val.to(v.dtype))
-                ks.append(kr)
-                vs.append(vr)
-                gates.append(self._batch_gate(masks, i, b).to(output.dtype).view(b, n, 1))
-            if not gates:
+                gate = self._batch_gate(masks, i, b).to(output.dtype).view(b, n, 1)
+                part = gate * (_attention(q, kr, vr, heads) - base)
+                mix = part if mix is None else mix + part
+            if mix is None:
                 return None
-            attended = _attention_many(q, ks, vs, heads)  # [0]: without deltas; [1 + j]: with region j's
-            mix = gates[0] * (attended[1] - attended[0])
-            for j in range(1, len(gates)):
-                mix = mix + gates[j] * (attended[j + 1] - attended[0])
             linear = mod.to_out[0]
             change = linear(mix)
             if getattr(linear, "bias", None) is not None:
@@ -377,19 +374,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(1, 2).reshape(b, n, -1)
-
-
-def _attention_many(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], heads: int,
-                    max_elements: int = 1 << 26) -> list[torch.Tensor]:
-    """One q against several (k, v) pairs, batched into as few attention calls as ``max_elements`` of repeated q
-    allow (few, small calls cost less than one per pair where the step is dispatch-bound)."""
-    group = max(1, max_elements // max(1, q.numel()))
-    out: list[torch.Tensor] = []
-    for start in range(0, len(ks), group):
-        m = len(ks[start:start + group])
-        qs = q if m == 1 else q.repeat(m, 1, 1)
-        out.extend(_attention(qs, torch.cat(ks[start:start + m]), torch.cat(vs[start:start + m]), heads).chunk(m))
-    return out
 
 
 def plan_rows(batch: int, cond_or_uncond: list[int], concept_chunks: list[bool]) -> tuple[tuple, tuple]:
