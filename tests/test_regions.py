@@ -90,7 +90,7 @@ def test_fused_regions_with_an_empty_and_a_full_mask_are_the_full_one_applied_gl
     # two active regions take the fused path (one matmul pair per layer, gates shared by every layer of a
     # resolution); over two calls, so gates built for one call are not reused for the next
     modules = unet_modules(unet)
-    paths = [p for p in modules if p.endswith(("attn1.to_q", "ff.net.2", "proj_out"))]
+    paths = [p for p in modules if p.endswith(("attn1.to_q", "ff.net.2", "proj_out", "attn2.to_k", "attn2.to_v"))]
     empty, full = random_lora(modules, paths, seed=3), random_lora(modules, paths, seed=4)
     x, t, ctx = call
     gate = RegionGate(modules, unet_sites(unet), [Region(empty, 1.0, mask=torch.zeros(16, 16)),
