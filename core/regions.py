@@ -339,9 +339,21 @@ class RegionGate:
                     kr = k + r.strength * lora_forward(r.layers[f"{attn_path}.to_k"], ctx.to(k.dtype))
                 if f"{attn_path}.to_v" in r.layers:
                     vr = v + r.strength * lora_forward(r.layers[f"{attn_path}.to_v"], val.to(v.dtype))
-                gate = self._batch_gate(masks, i, b).to(output.dtype).view(b, n, 1)
-                part = gate * (_attention(q, kr, vr, heads) - base)
-                mix = part if mix is None else mix + part
+                gate = self._batch_gate(masks, i, b).to(output.dtype)
+                inside = gate.amax(0) > 0
+                count = int(inside.sum())
+                if count == 0:
+                    continue
+                if mix is None:
+                    mix = torch.zeros_like(base)
+                if count > n // 2:  # most positions: one full attention
+                    mix = mix + gate[..., None] * (_attention(q, kr, vr, heads) - base)
+                    continue
+                # a region's attention only where its gate is on (each query row attends on its own, so the rows
+                # are exactly those of the full call): 4 strip regions cost one attention, not four
+                idx = inside.nonzero().squeeze(1)
+                part = gate[:, idx, None] * (_attention(q[:, idx], kr, vr, heads) - base[:, idx])
+                mix = mix.index_add(1, idx, part)
             if mix is None:
                 return None
             linear = mod.to_out[0]

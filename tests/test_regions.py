@@ -9,7 +9,7 @@ from core.compose import OverlapError
 from core.localize import ResidualGate, cfg_plan
 from core.lora_files import ConvLowRank
 from core.patching.diffusers import concept_positions, encode_text, unet_modules, unet_sites
-from core.regions import Region, RegionGate, plan_rows
+from core.regions import Region, RegionGate, _attention, plan_rows, resize_gate
 from core.residuals import LowRank
 
 PROMPT = "a photo of a sks dog on the beach"
@@ -166,3 +166,47 @@ def test_overlapping_user_masks_with_the_error_rule_name_both(sd1_unet, call):
 def test_plan_rows_borrow_the_concept_chunk():
     assert plan_rows(4, [1, 0], [False, True]) == ((2, 3), (0, 1, 0, 1))
     assert plan_rows(2, [1], [False]) == ((), (-1, -1))
+
+
+@torch.no_grad()
+def test_a_half_mask_text_side_region_is_its_gated_attention_change_at_the_first_cross_attention(unet, call):
+    # the text-side K/V delta of a region covering half the positions (computed on those positions only) equals
+    # to_out(gate * (softmax(q (k + dk)^T)(v + dv) - softmax(q k^T) v)) of the full computation
+    modules = unet_modules(unet)
+    attn_path = next(p for p in modules if p.endswith("attn2.to_k")).rsplit(".", 1)[0]
+    layers = random_lora(modules, [f"{attn_path}.to_k", f"{attn_path}.to_v"], seed=6)
+    attn = next(m for m in unet.modules() if getattr(m, "to_k", None) is modules[f"{attn_path}.to_k"])
+    seen = {}
+
+    def keep(m, args, kwargs, out):
+        seen.update(x=args[0], out=out)
+
+    x, t, ctx = call
+    hook = attn.register_forward_hook(keep, with_kwargs=True)
+    unet(x, t, encoder_hidden_states=ctx)
+    hook.remove()
+    base_out, hidden = seen["out"], seen["x"]
+    left = torch.zeros(16, 16)
+    left[:, :8] = 1
+    gate = RegionGate(modules, unet_sites(unet), [Region(layers, 0.9, mask=left)])
+    gate.set_latent_hw(tuple(x.shape[-2:]))
+    with gate:  # installed first, so the kept output is the gated one
+        hook = attn.register_forward_hook(keep, with_kwargs=True)
+        try:
+            gate.begin_call((), ())
+            unet(x, t, encoder_hidden_states=ctx)
+        finally:
+            hook.remove()
+    got = seen["out"]
+    n = hidden.shape[1]
+    side = int(round(n ** 0.5))
+    g = resize_gate(left, (side, side)).reshape(1, n, 1)
+    q, k, v = attn.to_q(hidden), attn.to_k(ctx), attn.to_v(ctx)
+    from core.lora_files import lora_forward
+    kr = k + 0.9 * lora_forward(layers[f"{attn_path}.to_k"], ctx)
+    vr = v + 0.9 * lora_forward(layers[f"{attn_path}.to_v"], ctx)
+    change = g * (_attention(q, kr, vr, attn.heads) - _attention(q, k, v, attn.heads))
+    want = base_out + change @ attn.to_out[0].weight.T
+    assert 0.3 * n < g.sum() < 0.7 * n  # the region's own positions: the sparse path
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, base_out, atol=1e-4)
