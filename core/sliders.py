@@ -17,11 +17,10 @@ distribution, with no images.
 from __future__ import annotations
 
 import difflib
-import math
 
 import torch
 
-from .training import TrainConfig, TrainingDivergedError, convert_prediction, diffusion_loss
+from .training import TrainConfig, convert_prediction, diffusion_loss, optimizer_step
 
 PROMPTS = ("neutral", "plus", "minus")
 
@@ -89,17 +88,7 @@ def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: tor
                     for name in PROMPTS}
             target = guided_target(base["neutral"], base["plus"], base["minus"], eta)
         pred = convert_prediction(predict(x_t, t, "neutral", True), prediction, "eps", x_t, a)
-        loss = diffusion_loss(pred, target)
-        if not math.isfinite(loss.item()):
-            raise TrainingDivergedError(
-                f"the training loss became {loss.item()} at step {step + 1}: lower the learning rate "
-                f"(now {config.learning_rate:g}) or train in fp32")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+        optimizer_step(opt, diffusion_loss(pred, target), step, config, losses, progress)
     for p in params:
         p.requires_grad_(False)
     return losses

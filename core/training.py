@@ -168,16 +168,24 @@ def train(params: list[torch.Tensor], predict, latents: torch.Tensor, contexts: 
         target = convert_prediction(noise, "eps", config.objective, x_t, a) if config.objective != "x0" else x0
         pred = convert_prediction(predict(x_t, t, ctx), prediction, config.objective, x_t, a)
         loss = diffusion_loss(pred, target, masks[idx] if masks is not None else None)
-        if not math.isfinite(loss.item()):
-            raise TrainingDivergedError(
-                f"the training loss became {loss.item()} at step {step + 1}: lower the learning rate "
-                f"(now {config.learning_rate:g}), check the images for NaNs, or train in fp32")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+        optimizer_step(opt, loss, step, config, losses, progress, "check the images for NaNs, ")
     for p in params:
         p.requires_grad_(False)
     return losses
+
+
+def optimizer_step(opt, loss: torch.Tensor, step: int, config: TrainConfig, losses: list[float], progress=None,
+                   hint: str = "") -> None:
+    """One AdamW step on ``loss``, shared by every trainer: stop on a non-finite loss (``hint`` is added to the
+    advice), record the loss, report progress."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingDivergedError(
+            f"the training loss became {value} at step {step + 1}: lower the learning rate "
+            f"(now {config.learning_rate:g}), {hint}or train in fp32")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(value)
+    if progress is not None:
+        progress(step + 1, config.steps, value)
