@@ -7,7 +7,7 @@ import torch
 from core import residuals as R
 from core.compose import OverlapError
 from core.localize import ResidualGate, cfg_plan
-from core.lora_files import ConvLowRank
+from core.lora_files import ConvLowRank, lora_forward
 from core.patching.diffusers import concept_positions, encode_text, unet_modules, unet_sites
 from core.regions import Region, RegionGate, _attention, plan_rows, resize_gate
 from core.residuals import LowRank
@@ -202,11 +202,10 @@ def test_a_half_mask_text_side_region_is_its_gated_attention_change_at_the_first
     side = int(round(n ** 0.5))
     g = resize_gate(left, (side, side)).reshape(1, n, 1)
     q, k, v = attn.to_q(hidden), attn.to_k(ctx), attn.to_v(ctx)
-    from core.lora_files import lora_forward
     kr = k + 0.9 * lora_forward(layers[f"{attn_path}.to_k"], ctx)
     vr = v + 0.9 * lora_forward(layers[f"{attn_path}.to_v"], ctx)
     change = g * (_attention(q, kr, vr, attn.heads) - _attention(q, k, v, attn.heads))
     want = base_out + change @ attn.to_out[0].weight.T
-    assert 0.3 * n < g.sum() < 0.7 * n  # the region's own positions: the sparse path
+    assert 0 < int((g > 0).sum()) <= n // 2  # at most half the positions: the gated-positions-only path
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, base_out, atol=1e-4)
