@@ -200,14 +200,14 @@ def row_slider(unet, te, tok, steps=200, strength=-1.0):
     plus, minus = f"a {ERASED} shape", "a shape"
     SL.slider_words(plus, minus)  # the pair differs in the attribute alone
     prompts = {"neutral": SL.neutral_prompt(plus, minus), "plus": plus, "minus": minus}
-    key = (id(unet), steps)
-    if key not in _SLIDERS:  # one training serves every strength
-        _SLIDERS[key] = _guided_residuals(unet, te, tok, prompts, steps)
-    trained = _SLIDERS[key]
+    hit = _SLIDERS.get(steps)
+    if hit is None or hit[0] is not unet:  # one training serves every strength of the same model
+        hit = _SLIDERS[steps] = (unet, _guided_residuals(unet, te, tok, prompts, steps))
+    trained = hit[1]
     return dataclasses.replace(trained, strength=strength, note=f"strength {strength:g}, {trained.note}")
 
 
-_SLIDERS: dict[tuple, Erased] = {}
+_SLIDERS: dict[int, tuple[torch.nn.Module, Erased]] = {}  # steps -> (model, trained slider)
 
 
 def row_slider_strong(unet, te, tok):
