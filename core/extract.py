@@ -62,29 +62,27 @@ class SelfAttentionRecorder:
 
 
 def self_attention_grid(sums: dict[int, torch.Tensor], counts: dict[int, int], latent_hw: tuple[int, int],
-                        grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """Average the layers' self-attention on one grid: ([rows, G, G], grid hw); rows are distributions over G.
+                        upsample: int = 2) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The finest layers' mean self-attention with queries on a finer grid: ([rows, Gq, N], grid hw).
 
-    Keys are resampled bilinearly (then renormalised), queries by nearest neighbour (DiffSeg's aggregation);
-    the grid defaults to the finest resolution no wider than 32.
+    Only the layers at the finest resolution no wider than 32 count (coarser maps blur neighbouring objects into
+    one cluster: on the toy world they took the masks' IoU from 0.56 down to 0.13). Rows are distributions over
+    that resolution's N keys; queries are resampled bilinearly to ``upsample`` x the attention grid (at most the
+    latent's), so mask edges can fall between attention cells (toy world: IoU 0.60 -> 0.71).
     """
     sizes = {n: block_hw(n, latent_hw) for n in sums}
-    if grid_hw is None:
-        fitting = [hw for hw in sizes.values() if hw[1] <= 32] or [min(sizes.values(), key=lambda s: s[0] * s[1])]
-        grid_hw = max(fitting, key=lambda s: s[0] * s[1])
-    gh, gw = grid_hw
-    acc = None
-    for n, total in sums.items():
-        h, w = sizes[n]
-        p = (total / counts[n]).float()  # [rows, N, N]
-        rows = p.shape[0]
-        keys = F.interpolate(p.reshape(rows * n, 1, h, w), size=(gh, gw), mode="bilinear", align_corners=False)
-        keys = keys.reshape(rows, h, w, gh * gw).permute(0, 3, 1, 2)  # [rows, G_keys, h, w]
-        grid = F.interpolate(keys, size=(gh, gw), mode="nearest").reshape(rows, gh * gw, gh * gw).transpose(1, 2)
-        grid = grid.clamp_min(0)
-        grid = grid / grid.sum(-1, keepdim=True).clamp_min(1e-12)
-        acc = grid if acc is None else acc + grid
-    return acc / len(sums), (gh, gw)
+    fitting = [hw for hw in sizes.values() if hw[1] <= 32] or [min(sizes.values(), key=lambda s: s[0] * s[1])]
+    attn_hw = max(fitting, key=lambda s: s[0] * s[1])
+    layers = [n for n in sums if sizes[n] == attn_hw]
+    p = sum((sums[n] / counts[n]).float() for n in layers) / len(layers)  # [rows, N queries, N keys]
+    grid_hw = (min(latent_hw[0], attn_hw[0] * upsample), min(latent_hw[1], attn_hw[1] * upsample))
+    rows, n = p.shape[0], p.shape[-1]
+    if grid_hw != attn_hw:
+        q = p.transpose(1, 2).reshape(rows * n, 1, *attn_hw)  # keys as channels, queries as the image
+        q = F.interpolate(q, size=grid_hw, mode="bilinear", align_corners=False)
+        p = q.reshape(rows, n, grid_hw[0] * grid_hw[1]).transpose(1, 2)
+    p = p.clamp_min(0)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-12), grid_hw
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> torch.Tensor:
@@ -140,7 +138,7 @@ def background_cluster(labels: torch.Tensor, hw: tuple[int, int]) -> int:
 
 def cluster_concepts(attn: torch.Tensor, hw: tuple[int, int], concepts: int = 0, max_concepts: int = 4,
                      seed: int = 0, min_fraction: float = 0.01) -> torch.Tensor:
-    """Concept masks [K, h, w] (0/1) from one image's self-attention grid [G, G]: k-means on the rows'
+    """Concept masks [K, h, w] (0/1) from one image's self-attention rows [G, N]: k-means on the rows'
     Hellinger embedding (sqrt of each distribution) into ``concepts`` + 1 clusters, the background cluster
     dropped. ``concepts=0`` picks the count in 1..max_concepts with the best silhouette. Masks are ordered left
     to right by centre of mass."""

@@ -74,8 +74,9 @@ class ExtractMasks(io.ComfyNode):
             display_name="Extract Concept Masks (self-attention)",
             category=f"{CATEGORY}/extract",
             description="Finds the separate objects of one image without supervision (ConceptExpress): the image is "
-                        "encoded, noised, run once through the UNet, and its self-attention is clustered; the cluster "
-                        "that holds most of the border is the background and is dropped. Masks come left to right.",
+                        "encoded, noised, run through the UNet (once per noise draw), and the finest layers' "
+                        "self-attention is clustered; the cluster that holds most of the border is the background "
+                        "and is dropped. Masks come left to right.",
             inputs=[
                 io.Model.Input("model", tooltip="The model whose self-attention groups the pixels."),
                 io.Clip.Input("clip", tooltip="The text encoder (encodes the prompt below for the one UNet call)."),
@@ -91,12 +92,15 @@ class ExtractMasks(io.ComfyNode):
                 io.String.Input("text", default="", tooltip="Prompt for the UNet call; empty is the usual choice."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the noise and the clustering."),
+                io.Int.Input("noise_draws", default=4, min=1, max=16, optional=True,
+                             tooltip="UNet calls, each with its own noise (seeds seed, seed + 1, ...), whose "
+                                     "self-attention is averaged: steadier masks for a few more calls."),
             ],
             outputs=[io.Mask.Output(display_name="masks", tooltip="One mask per concept, left to right.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, image, concepts, max_concepts, noise, text, seed):
+    def execute(cls, model, clip, vae, image, concepts, max_concepts, noise, text, seed, noise_draws=4):
         image = one_image(image)
         with torch.no_grad():
             latents = vae.encode(image)
@@ -105,10 +109,11 @@ class ExtractMasks(io.ComfyNode):
         def probe(predict, model_wrap, latent, table):
             sites = P.model_sites(model)  # the same modules the guider runs (ComfyUI patches weights in place)
             sigma = table[min(len(table) - 1, max(0, round(noise * (len(table) - 1))))]
-            gen = torch.Generator().manual_seed(seed)
-            eps = torch.randn(latent.shape, generator=gen).to(latent)
-            with torch.no_grad(), X.SelfAttentionRecorder(sites) as rec:
-                predict(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
+            with torch.no_grad(), X.SelfAttentionRecorder(sites) as rec:  # sums over the draws
+                for draw in range(max(1, noise_draws)):
+                    gen = torch.Generator().manual_seed(seed + draw)
+                    eps = torch.randn(latent.shape, generator=gen).to(latent)
+                    predict(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
             return rec.sums, rec.counts, tuple(latent.shape[-2:])
 
         sums, counts, latent_hw = run_in_guider(model, cond, latents, probe, seed)

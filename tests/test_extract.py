@@ -52,18 +52,32 @@ def test_asking_more_concepts_than_the_image_has_is_an_error():
         cluster_concepts(block_attention(scene_labels().flatten()), (12, 12), concepts=4)
 
 
-def test_grid_aggregation_keeps_rows_distributions_and_block_structure():
+def test_grid_uses_the_finest_layers_and_keeps_rows_distributions_and_block_structure():
     lab = torch.zeros(8, 8, dtype=torch.long)
     lab[:, 4:] = 1
     fine = block_attention(lab.flatten())[None]  # 8x8 layer
-    coarse_lab = torch.zeros(4, 4, dtype=torch.long)
-    coarse_lab[:, 2:] = 1
-    coarse = block_attention(coarse_lab.flatten())[None]  # 4x4 layer
+    coarse = torch.rand(1, 16, 16).softmax(-1)  # a 4x4 layer: ignored, whatever it holds
     grid, hw = self_attention_grid({64: fine, 16: coarse}, {64: 1, 16: 1}, (8, 8))
-    assert hw == (8, 8)
+    assert hw == (8, 8)  # the latent caps the 2x query upsampling
+    assert torch.allclose(grid, self_attention_grid({64: fine}, {64: 1}, (8, 8))[0])
     assert torch.allclose(grid.sum(-1), torch.ones(1, 64), atol=1e-5)
     left = lab.flatten() == 0
     assert float(grid[0][left][:, ~left].sum(1).max()) < 0.2  # left queries stay (mostly) on the left
+
+
+def test_grid_upsamples_queries_bilinearly_between_attention_cells():
+    lab = torch.zeros(4, 4, dtype=torch.long)
+    lab[:, 2:] = 1
+    p = block_attention(lab.flatten())[None]  # a 4x4 layer in an 8x8 latent
+    grid, hw = self_attention_grid({16: p, 1: torch.ones(1, 1, 1)}, {16: 2, 1: 1}, (8, 8))
+    assert hw == (8, 8) and grid.shape == (1, 64, 16)
+    assert torch.allclose(grid.sum(-1), torch.ones(1, 64), atol=1e-5)
+    rows = grid[0].reshape(8, 8, 16)
+    right_keys = (lab.flatten() == 1)
+    share = rows[..., right_keys].sum(-1)  # [8, 8] share of each query's attention on the right block
+    assert torch.allclose(share[:, :3], p[0][0, right_keys].sum().expand(8, 3))  # deep inside: as the cell
+    assert bool((share[:, 3] < share[:, 4]).all())  # the edge: a blend, rising left to right
+    assert float(share[0, 3]) > float(share[0, 2]) and float(share[0, 4]) < float(share[0, 5])
 
 
 def test_masked_union_loss_ignores_pixels_outside_the_mask_exactly():
