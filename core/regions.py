@@ -117,6 +117,7 @@ class RegionGate:
             seen: dict = {}
             for name in ("to_q", "to_k", "to_v"):
                 self._handles.append(getattr(attn, name).register_forward_hook(self._keep(seen, name)))
+            self._handles.append(attn.to_out[0].register_forward_hook(self._keep(seen, "to_out")))
             self._handles.append(attn.register_forward_hook(self._attn2_hook(attn_path, idx, seen)))
         self._kv_blocks = kv_blocks
         return self
@@ -224,9 +225,9 @@ class RegionGate:
         stride = getattr(module, "stride", 1)
         padding = getattr(module, "padding", 0)
         active = [i for i in regions if self.regions[i].strength != 0.0]
-        fusable = all(not isinstance(self.regions[i].layers[path], ConvLowRank) or
-                      self.regions[i].layers[path].kernel == (1, 1) for i in active) and \
-            stride in (1, (1, 1)) and len(active) > 1
+        pointwise = all(not isinstance(self.regions[i].layers[path], ConvLowRank) or
+                        self.regions[i].layers[path].kernel == (1, 1) for i in active) and stride in (1, (1, 1))
+        fusable = pointwise and len(active) > 1
         fused: dict = {}
 
         def factors(dtype, device):
@@ -267,6 +268,11 @@ class RegionGate:
                     self._warn_once(f"'{path}' has no spatial output; its region delta is left out")
                     return None
             masks = self._masks_for(path, hw, output.device)
+            if pointwise and not (torch.is_grad_enabled() and output.requires_grad):
+                plan = self._gathered_plan(masks, active, b)
+                if plan is not None:  # small regions: each region's matmuls only on the positions it covers
+                    down, up, _, rank_key = factors(output.dtype, output.device)
+                    return _add_gathered(output, x.to(output.dtype), down, up, rank_key, plan)
             if fusable:  # one pair of matmuls for every region: the gate is a per-position scalar, so it can
                 # multiply the rank-space activations before the up projection
                 down, up, ranks, rank_key = factors(output.dtype, output.device)
@@ -284,6 +290,22 @@ class RegionGate:
                 output = torch.addcmul(output, gate, delta, value=r.strength)
             return output
         return hook
+
+    def _gathered_plan(self, masks: torch.Tensor, active: list[int], b: int):
+        """Per active region (positions [n_i] its gate covers in any batch row, gate values [b, n_i]), or None when
+        the regions cover more than half of ``len(active)`` x the positions (then one dense pass is cheaper).
+        Built once per masks and layout: every layer of a resolution shares it."""
+        key = ("gathered", id(masks), tuple(active), b)
+        hit = self._gates.get(key)
+        if hit is None or hit[0] is not masks:
+            plan, covered, n = [], 0, masks.shape[-1]
+            for i in active:
+                gate = self._batch_gate(masks, i, b)
+                idx = (gate.amax(0) > 0).nonzero().squeeze(1)
+                covered += idx.numel()
+                plan.append((idx, gate.index_select(1, idx)))
+            hit = self._gates[key] = (masks, plan if 2 * covered <= len(active) * n else None)
+        return hit[1]
 
     def _token_hw(self, n: int) -> tuple[int, int] | None:
         for hw in self._known_hw:
@@ -307,6 +329,8 @@ class RegionGate:
                 seen["context"] = inputs[0]
             elif name == "to_v":
                 seen["value"] = inputs[0]
+            elif name == "to_out":  # the block's own attention result: no need to compute it again
+                seen["attention"] = inputs[0]
         return hook
 
     def _attn2_hook(self, attn_path: str, regions: list[int], seen: dict):
@@ -322,13 +346,15 @@ class RegionGate:
             self._attn2_ran.add(attn_path)
             q, k, v = seen.pop("to_q"), seen.pop("to_k"), seen.pop("to_v")
             ctx, val = seen.pop("context"), seen.pop("value")
+            base = seen.pop("attention", None)
             b, n = q.shape[0], q.shape[1]
             hw = self._token_hw(n)
             if hw is None:
                 return None
             heads = mod.heads
             masks = self._masks_for(attn_path, hw, output.device)
-            base = _attention(q, k, v, heads)
+            if base is None or base.shape != q.shape[:2] + v.shape[2:]:
+                base = _attention(q, k, v, heads)
             mix = None
             for i in regions:
                 r = self.regions[i]
@@ -375,6 +401,29 @@ class RegionGate:
         if message not in warned:
             warned.add(message)
             log.warning(message)
+
+
+def _add_gathered(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, ranks: tuple,
+                  plan: list) -> torch.Tensor:
+    """``output`` plus each region's gated low-rank delta computed on its own positions only (in place: called
+    without autograd). ``down`` [R*r, in], ``up`` [out, R*r] hold the regions' factors in ``plan``'s order.
+    Tokens [B, N, C] or pointwise-conv maps [B, C, H, W]."""
+    conv = output.ndim == 4
+    xf, of = (x.flatten(2), output.flatten(2)) if conv else (x, output)  # views: the add lands in ``output``
+    offset = 0
+    for rank, (idx, gate) in zip(ranks, plan, strict=True):
+        d, u = down[offset:offset + rank], up[:, offset:offset + rank]
+        offset += rank
+        if idx.numel() == 0:
+            continue
+        gate = gate.to(output.dtype)
+        if conv:  # [B, C, n]
+            h = torch.matmul(d, xf.index_select(2, idx)) * gate[:, None]
+            of.index_add_(2, idx, torch.matmul(u, h))
+        else:  # [B, n, C]
+            h = F.linear(xf.index_select(1, idx), d) * gate[..., None]
+            of.index_add_(1, idx, F.linear(h, u))
+    return output
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
