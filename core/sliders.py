@@ -10,9 +10,11 @@ trainer serves both. The residual is the pack's low-rank ``proj_out`` residual s
 globally by ``ResidualGate``: a slider at strength s adds s * Delta W, so strength 0 is the base model exactly
 and a negative strength turns the attribute down.
 
-Samples x_t: each step draws pure noise, takes the frozen model's x0 estimate for the neutral prompt and noises
-it again to a random timestep: a one-evaluation stand-in for the paper's partial denoising, on the model's own
-distribution, with no images.
+Samples x_t, with no images: by default each step draws pure noise, takes the frozen model's x0 estimate for the
+neutral prompt and noises it again to a random timestep (one evaluation, but a blurry x0). With
+``denoise_steps`` = n > 0, as the ESD paper does, x_t is where the frozen model's own deterministic DDIM
+trajectory for the neutral prompt (n steps from pure noise, no CFG) is after a random number of steps: the
+states the sampler really visits, at about n / 2 more evaluations per step.
 """
 from __future__ import annotations
 
@@ -59,12 +61,30 @@ def guided_target(neutral: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor
     return neutral + eta * (plus - minus)
 
 
+def ddim_trajectory_point(predict, x_start: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                          prediction: str, prompt: str = "neutral") -> torch.Tensor:
+    """x at ``timesteps[-1]`` on the frozen model's deterministic DDIM path (eta 0, Song et al. 2021) for ``prompt``
+    from ``x_start`` at ``timesteps[0]``: x' = sqrt(a') x0 + sqrt(1 - a') eps at every step."""
+    x = x_start
+    for t_now, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist(), strict=True):
+        a_now = alphas_cumprod[t_now].expand(x.shape[0])
+        tt = torch.full((x.shape[0],), t_now, device=x.device)
+        out = predict(x, tt, prompt, False)
+        x0 = convert_prediction(out, prediction, "x0", x, a_now)
+        eps = convert_prediction(out, prediction, "eps", x, a_now)
+        a_next = alphas_cumprod[t_next]
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x
+
+
 def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: torch.Tensor, eta: float,
-                 prediction: str = "eps", config: TrainConfig = TrainConfig(), progress=None, device="cpu"):
+                 prediction: str = "eps", config: TrainConfig = TrainConfig(), progress=None, device="cpu",
+                 denoise_steps: int = 0):
     """Optimise ``params`` (AdamW) so the residual model follows ``guided_target``; returns the loss per step.
 
     ``predict(x_t, t, prompt, residual)`` returns the model output of kind ``prediction`` for ``prompt`` in
     ``PROMPTS`` with the residual on or off; ``shape`` is one latent's [C, h, w]. Deterministic per seed.
+    ``denoise_steps`` > 0 draws x_t on the frozen model's DDIM trajectory (see the module docstring).
     """
     gen = torch.Generator().manual_seed(config.seed)
     for p in params:
@@ -82,8 +102,16 @@ def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: tor
         a, a_start = ac[t], ac[t_start]
         with torch.no_grad():
             x_start = (1 - a_start).sqrt().view(-1, 1, 1, 1) * noise_start  # x_T of a zero-mean x0
-            x0 = convert_prediction(predict(x_start, t_start, "neutral", False), prediction, "x0", x_start, a_start)
-            x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+            if denoise_steps > 0:
+                path = torch.linspace(last, 0, denoise_steps + 1).round().long()
+                stop = int(torch.randint(0, denoise_steps, (), generator=gen))  # 0 .. n-1 steps taken
+                x_t = ddim_trajectory_point(predict, x_start, path[:stop + 1], ac, prediction)
+                t = path[stop].expand(b).to(device)
+                a = ac[t]
+            else:
+                x0 = convert_prediction(predict(x_start, t_start, "neutral", False), prediction, "x0", x_start,
+                                        a_start)
+                x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
             base = {name: convert_prediction(predict(x_t, t, name, False), prediction, "eps", x_t, a)
                     for name in PROMPTS}
             target = guided_target(base["neutral"], base["plus"], base["minus"], eta)

@@ -86,3 +86,37 @@ def test_slider_prompt_pairs():
         S.slider_words("an Old man", "an old  man")
     with pytest.raises(ValueError, match="concept to erase"):
         S.esd_prompts("  ")
+
+
+def test_ddim_trajectory_point_follows_the_deterministic_path_of_a_fixed_x0():
+    # a model whose x0 estimate is always c: from x_T, DDIM keeps the x_T noise direction, so the point at t is
+    # sqrt(a_t) c + sqrt(1 - a_t) (x_T - sqrt(a_T) c) / sqrt(1 - a_T), whatever the steps in between
+    c = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    last = AC.shape[0] - 1
+
+    def predict(x, t, prompt, residual):
+        assert prompt == "neutral" and not residual
+        return c
+
+    for path in ([last, 600], [last, 900, 600], [last, 950, 700, 600]):
+        x = S.ddim_trajectory_point(predict, x_T, torch.tensor(path), AC, "x0")
+        eps = (x_T - AC[last].sqrt() * c) / (1 - AC[last]).sqrt()
+        assert torch.allclose(x, AC[600].sqrt() * c + (1 - AC[600]).sqrt() * eps, atol=1e-5)
+    assert torch.equal(S.ddim_trajectory_point(predict, x_T, torch.tensor([last]), AC, "x0"), x_T)
+
+
+def test_training_on_the_trajectory_trains_at_its_states(sd1_unet, slider_contexts):
+    seen = []
+    rs = R.init_residuals([s for s, _ in unet_sites(sd1_unet)], fixed_rank=2, seed=0, init_scale=0.0)
+    cfg = training.TrainConfig(steps=3, batch_size=2, learning_rate=3e-3, seed=0)
+    with ResidualGate(unet_sites(sd1_unet), rs) as gate:
+        inner = make_predict(sd1_unet, gate, slider_contexts)
+
+        def predict(x_t, t, prompt, residual):
+            if residual:
+                seen.append(int(t[0]))
+            return inner(x_t, t, prompt, residual)
+        losses = S.train_guided(rs.parameters(), predict, (4, 8, 8), AC, 2.0, config=cfg, denoise_steps=5)
+    path = torch.linspace(AC.shape[0] - 1, 0, 6).round().long().tolist()
+    assert len(losses) == 3 and all(t in path[:5] for t in seen)  # trained only at the path's timesteps

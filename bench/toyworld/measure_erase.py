@@ -195,6 +195,11 @@ def row_esd(unet, te, tok, steps=200):
     return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps)
 
 
+def row_esd_trajectory(unet, te, tok, steps=200):
+    """ESD with x_t drawn on the frozen model's own DDIM path for the erased prompt (the paper's sampling)."""
+    return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps, M.SAMPLE_STEPS)
+
+
 def row_slider(unet, te, tok, steps=200, strength=-1.0):
     """A concept slider "a red shape" / "a shape" (neutral: their shared words), turned down: ``strength`` < 0."""
     plus, minus = f"a {ERASED} shape", "a shape"
@@ -214,7 +219,7 @@ def row_slider_strong(unet, te, tok):
     return row_slider(unet, te, tok, strength=-2.0)
 
 
-def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int) -> Erased:
+def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int, denoise_steps: int = 0) -> Erased:
     """Residuals trained to follow core.sliders.guided_target for ``prompts`` (ESD and sliders alike)."""
     contexts = {k: D.encode_text(tok, te, [v]) for k, v in prompts.items()}
     sites = D.unet_sites(unet)
@@ -230,9 +235,10 @@ def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int) -> Era
     t0 = time.time()
     with ResidualGate(sites, rs) as gate:
         losses = SL.train_guided(rs.parameters(), predict, (c.in_channels, c.sample_size, c.sample_size),
-                                 M.train_alphas_cumprod(), 1.0, "v", cfg)
+                                 M.train_alphas_cumprod(), 1.0, "v", cfg, denoise_steps=denoise_steps)
     return Erased(unet, f"{rs.parameter_count()} params, {steps} steps in {time.time() - t0:.0f} s, "
-                        f"loss {losses[0]:.4f}->{losses[-1]:.4f}", residuals=rs.detached())
+                        + (f"x_t on {denoise_steps}-step DDIM paths, " if denoise_steps else "")
+                        + f"loss {losses[0]:.4f}->{losses[-1]:.4f}", residuals=rs.detached())
 
 
 # ------------------------------------------------------------------------------------------ the attack
@@ -287,7 +293,8 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "uce_strong_preserve": row_uce_strong_preserve, "uce_word_rows": row_uce_word_rows,
                              "leace": row_leace,
                              "leace_per_position": row_leace_per_position, "steer_negative": row_steer_negative,
-                             "steer_sld": row_steer_sld, "esd": row_esd, "slider": row_slider,
+                             "steer_sld": row_steer_sld, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
+                             "slider": row_slider,
                              "slider_strong": row_slider_strong}
 
 
