@@ -12,8 +12,12 @@ run (attention layouts change slowly between steps); on the first call they get 
 apply everywhere from the first call.
 
 Text-side layers (``attn2.to_k``/``to_v`` read the prompt, not the image) cannot be gated by position; for them
-the block's attention is recomputed from the pass's own q, k, v with each region's K/V deltas (77 keys: cheap) and
-the differences are blended by the gates before ``to_out``: ``out = out_base + to_out_linear(sum_r g_r (a_r - a))``.
+each region's attention is computed from the pass's own q, k, v with its K/V deltas (77 keys: cheap) and the
+differences from the block's own result ``a`` (``to_out``'s input) are blended by the gates before ``to_out``:
+``out = out_base + to_out_linear(sum_r g_r (a_r - a))``.
+
+Cost: regions that cover few positions (together at most half of a dense pass per region) run their low-rank
+matmuls on their own positions only, so k disjoint regions cost about what one full-image region does.
 """
 from __future__ import annotations
 

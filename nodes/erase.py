@@ -262,8 +262,9 @@ class _GuidedTrainer(comfy.samplers.Sampler):
     """Runs core.sliders.train_guided inside ComfyUI's guider (conditioning, wrappers and latent format are
     ComfyUI's own)."""
 
-    def __init__(self, gate, params, eta, config, progress):
+    def __init__(self, gate, params, eta, config, progress, denoise_steps=0):
         self.gate, self.params, self.eta, self.config, self.progress = gate, params, eta, config, progress
+        self.denoise_steps = denoise_steps
         self.losses = []
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -273,19 +274,19 @@ class _GuidedTrainer(comfy.samplers.Sampler):
         predict = guided_predict(model_wrap, extra_args["model_options"], self.gate, table, alphas_cumprod,
                                  comfy.samplers.calc_cond_batch)
         self.losses = S.train_guided(self.params, predict, tuple(noise.shape[1:]), alphas_cumprod, self.eta, "x0",
-                                     self.config, self.progress, noise.device)
+                                     self.config, self.progress, noise.device, self.denoise_steps)
         return latent_image
 
 
 def _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, batch_size, rank, resolution, seed,
-                            technique, save_name, overwrite):
+                            technique, save_name, overwrite, denoise_steps=0):
     path = lora_path(save_name) if save_name.strip() else None
     if path:
         check_free(path, overwrite)
     config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     family = model_family(model)
     meta = S.slider_metadata(family, prompts, eta, config, technique)
-    meta.update(resolution=str(resolution))
+    meta.update(resolution=str(resolution), denoise_steps=str(denoise_steps))
     progress = step_progress(steps)
 
     with torch.no_grad():
@@ -300,7 +301,7 @@ def _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, bat
         guider = _PromptGuider(mp)
         guider.set_prompts(conds)
         with ResidualGate(sites, rs) as gate:
-            trainer = _GuidedTrainer(gate, rs.parameters(), eta, config, progress)
+            trainer = _GuidedTrainer(gate, rs.parameters(), eta, config, progress, denoise_steps)
             guider.sample(latent, latent, trainer, torch.zeros(2), seed=seed)
     rs = rs.detached()
     for layer in rs.layers.values():
@@ -330,6 +331,10 @@ def _training_inputs(default_steps=300, default_lr=2e-4, default_eta=1.0):
                         tooltip="File under models/loras (no extension); LoraLoader reads it too. Empty: do not "
                                 "save."),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
+        io.Int.Input("denoise_steps", default=0, min=0, max=200, optional=True,
+                     tooltip="0: each step trains at the model's one-step guess from pure noise, re-noised (fast). "
+                             "n > 0: at a point of the model's own n-step DDIM path for the training prompt, as "
+                             "the ESD paper does (about n / 2 more model calls per step)."),
     ]
 
 
@@ -362,12 +367,13 @@ class TrainConceptSlider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, positive, negative, neutral, eta, steps, learning_rate, batch_size, rank,
-                resolution, seed, save_name, overwrite):
+                resolution, seed, save_name, overwrite, denoise_steps=0):
         S.slider_words(positive, negative)
         prompts = {"neutral": neutral.strip() or S.neutral_prompt(positive, negative), "plus": positive,
                    "minus": negative}
         rs, curve = _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, batch_size, rank,
-                                            resolution, seed, "concept_slider", save_name, overwrite)
+                                            resolution, seed, "concept_slider", save_name, overwrite,
+                                            denoise_steps)
         return io.NodeOutput(rs, curve, ui=ui.PreviewImage(curve, cls=cls))
 
 
@@ -395,9 +401,10 @@ class TrainEsdEraser(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, eta, steps, learning_rate, batch_size, rank, resolution, seed,
-                save_name, overwrite):
+                save_name, overwrite, denoise_steps=0):
         rs, curve = _train_guided_residuals(model, clip, S.esd_prompts(concept), eta, steps, learning_rate,
-                                            batch_size, rank, resolution, seed, "esd", save_name, overwrite)
+                                            batch_size, rank, resolution, seed, "esd", save_name, overwrite,
+                                            denoise_steps)
         return io.NodeOutput(rs, curve, ui=ui.PreviewImage(curve, cls=cls))
 
 

@@ -86,6 +86,17 @@ def test_slider_and_leace_at_zero_strength_or_before_the_start_are_the_base_mode
     assert not latent_of(comfy_server, leace1).equal(lat_plain)
 
 
+def test_esd_on_its_own_ddim_path_trains_on_other_states_than_the_default(comfy_server):
+    # denoise_steps > 0 draws x_t on the frozen model's DDIM path (the ESD paper's sampling); same seed, other
+    # training states, so another erasing residual; 0 (the default, also when an old prompt omits it) is unchanged
+    default = with_save_latent(workflow_prompt("erase_esd", SD15), "esd_default")
+    zero = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd={"denoise_steps": 0}), "esd_0")
+    path = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd={"denoise_steps": 3}), "esd_3")
+    lat_default = latent_of(comfy_server, default)
+    assert latent_of(comfy_server, zero).equal(lat_default)
+    assert not latent_of(comfy_server, path).equal(lat_default)
+
+
 def test_bad_inputs_stop_with_clear_messages(comfy_server):
     two_words = workflow_prompt("train_slider", SD15, ConceptsTrainSlider={
         "positive": "an old man", "negative": "a young woman"})
