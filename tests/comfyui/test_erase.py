@@ -90,6 +90,7 @@ def test_esd_on_its_own_ddim_path_trains_on_other_states_than_the_default(comfy_
     # denoise_steps > 0 draws x_t on the frozen model's DDIM path (the ESD paper's sampling); same seed, other
     # training states, so another erasing residual; 0 (the default, also when an old prompt omits it) is unchanged
     default = with_save_latent(workflow_prompt("erase_esd", SD15), "esd_default")
+    del default[node_id(default, "ConceptsTrainEsd")]["inputs"]["denoise_steps"]  # a prompt from before the input
     zero = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd={"denoise_steps": 0}), "esd_0")
     path = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd={"denoise_steps": 3}), "esd_3")
     lat_default = latent_of(comfy_server, default)
