@@ -4,6 +4,8 @@
 
 Concept A = the held-out yellow plain ring (token ``sks``), concept B = a purple checkered square (the held-out
 texture; token ``zwx``), each learned with the pack's trainer from 4 renders (seeds 70,000,000+ and 71,000,000+).
+``--concepts known`` learns two objects the base model can draw instead (a yellow striped diamond, a purple plain
+square; same seeds), to measure the composition itself where the new shape and texture are out of reach.
 Prompt: "a sks shape and a zwx shape on a <background> background" (A named first, so A belongs on the left).
 Rows: both residuals global; multi-concept LAG (``core.regions``: each residual gated by its own token's
 cross-attention, larger attention wins); region-limited LoRAs (each residual limited to a drawn half: A left,
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 CONCEPTS = {"sks": dict(shape="ring", colour="yellow", texture="plain", seed0=70_000_000),
             "zwx": dict(shape="square", colour="purple", texture="checkered", seed0=71_000_000)}
+CONCEPT_SETS = {"new": CONCEPTS,
+                "known": {"sks": dict(shape="diamond", colour="yellow", texture="striped", seed0=70_000_000),
+                          "zwx": dict(shape="square", colour="purple", texture="plain", seed0=71_000_000)}}
 SAMPLE_SEEDS = tuple(range(801, 809))
 TRAIN_SEED = 0
 
@@ -44,11 +49,11 @@ def renders(c: dict, n: int = 4) -> torch.Tensor:
     return torch.from_numpy(S.render_batch(scenes))
 
 
-def learn(unet, te, tok, steps: int) -> dict:
+def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3) -> dict:
     out = {}
-    for token, c in CONCEPTS.items():
+    for token, c in concepts.items():
         t0 = time.time()
-        cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=1e-3, seed=TRAIN_SEED, objective="v")
+        cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
         rs, _ = D.train_residuals(unet, M.VAE(), tok, te, renders(c), S.CLASS_WORD, token=token,
                                   resolution=S.SIZE, flip=False, config=cfg, prediction="v",
                                   alphas_cumprod=M.train_alphas_cumprod())
@@ -75,9 +80,9 @@ def sample(unet, te, tok, prompt: str, seed: int, before_call=None) -> torch.Ten
     return ((M.from_latents(x.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def score(reading: J.Reading) -> tuple[bool, bool]:
+def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
     """(both concepts recognised in place, any leakage of one concept's colour or shape onto the other)."""
-    a, b = CONCEPTS["sks"], CONCEPTS["zwx"]
+    a, b = concepts["sks"], concepts["zwx"]
     objs = reading.objects
     both = len(objs) == 2 and all(getattr(objs[0], k) == a[k] for k in ("shape", "colour", "texture")) and \
         all(getattr(objs[1], k) == b[k] for k in ("shape", "colour", "texture"))
@@ -86,10 +91,12 @@ def score(reading: J.Reading) -> tuple[bool, bool]:
     return both, leak
 
 
-def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4) -> dict:
+def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4,
+        concept_set: str = "new", lr: float = 1e-3) -> dict:
+    concepts = CONCEPT_SETS[concept_set]
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
-    learned = learn(unet, te, tok, steps)
+    learned = learn(unet, te, tok, steps, concepts, lr)
     sites = D.unet_sites(unet)
     modules = D.unet_modules(unet)
     prompts = [f"a sks {S.CLASS_WORD} and a zwx {S.CLASS_WORD} on a {bg} background"
@@ -102,7 +109,7 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
     def rows_for(name):
         if name == "global":
             def ctx_global(prompt):
-                gates = [ResidualGate(sites, learned[t][0]) for t in CONCEPTS]
+                gates = [ResidualGate(sites, learned[t][0]) for t in concepts]
                 return gates, None
             return ctx_global
 
@@ -120,9 +127,9 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
             return [gate], lambda batch: gate.begin_call(rows, borrow)
         return ctx_regions
 
-    res = {"concepts": {k: {kk: vv for kk, vv in v.items()} for k, v in CONCEPTS.items()}, "train_steps": steps,
-           "train_seed": TRAIN_SEED, "sample_seeds": list(seeds), "prompts": prompts,
-           "train_seconds": {t: round(learned[t][1], 1) for t in CONCEPTS}, "weights_sha256": M.sha256(weights),
+    res = {"concept_set": concept_set, "concepts": {k: dict(v) for k, v in concepts.items()}, "train_steps": steps,
+           "learning_rate": lr, "train_seed": TRAIN_SEED, "sample_seeds": list(seeds), "prompts": prompts,
+           "train_seconds": {t: round(learned[t][1], 1) for t in concepts}, "weights_sha256": M.sha256(weights),
            "rows": {}}
     for name in ("none", "global", "multi_lag", "masks"):
         both, leak = [], []
@@ -138,7 +145,7 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
                 finally:
                     for g in gates:
                         g.remove()
-                b, lk = score(J.read(judge, img)[0])
+                b, lk = score(J.read(judge, img)[0], concepts)
                 both.append(b)
                 leak.append(lk)
         res["rows"][name] = {"both_recognised": float(np.mean(both)), "leakage": float(np.mean(leak)),
@@ -161,11 +168,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=len(SAMPLE_SEEDS), help="sampling seeds per prompt")
     ap.add_argument("--prompts", type=int, default=4, help="prompts (one per background)")
+    ap.add_argument("--concepts", choices=sorted(CONCEPT_SETS), default="new",
+                    help="new: the held-out ring and checkered texture; known: two objects the base model can draw")
+    ap.add_argument("--lr", type=float, default=1e-3, help="the residual trainer's learning rate")
     ap.add_argument("--json", default="bench/toyworld/results/compose.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
-    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts)
+    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
