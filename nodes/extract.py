@@ -79,7 +79,7 @@ class ExtractMasks(io.ComfyNode):
                         "and is dropped. Masks come left to right.",
             inputs=[
                 io.Model.Input("model", tooltip="The model whose self-attention groups the pixels."),
-                io.Clip.Input("clip", tooltip="The text encoder (encodes the prompt below for the one UNet call)."),
+                io.Clip.Input("clip", tooltip="The text encoder (encodes the prompt below for the UNet calls)."),
                 io.Vae.Input("vae", tooltip="The VAE that encodes the image."),
                 io.Image.Input("image", tooltip="One image holding the concepts."),
                 io.Int.Input("concepts", default=0, min=0, max=8,
