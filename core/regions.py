@@ -273,7 +273,7 @@ class RegionGate:
                     return None
             masks = self._masks_for(path, hw, output.device)
             if pointwise and not (torch.is_grad_enabled() and output.requires_grad):
-                plan = self._gathered_plan(masks, active, b)
+                plan = self._gathered_plan(masks, active, b, output.dtype)
                 if plan is not None:  # small regions: each region's matmuls only on the positions it covers
                     down, up, _, rank_key = factors(output.dtype, output.device)
                     return _add_gathered(output, x.to(output.dtype), down, up, rank_key, plan)
@@ -295,11 +295,11 @@ class RegionGate:
             return output
         return hook
 
-    def _gathered_plan(self, masks: torch.Tensor, active: list[int], b: int):
-        """Per active region (positions [n_i] its gate covers in any batch row, gate values [b, n_i]), or None when
-        the regions cover more than half of ``len(active)`` x the positions (then one dense pass is cheaper).
-        Built once per masks and layout: every layer of a resolution shares it."""
-        key = ("gathered", id(masks), tuple(active), b)
+    def _gathered_plan(self, masks: torch.Tensor, active: list[int], b: int, dtype: torch.dtype = torch.float32):
+        """Per active region (positions [n_i] its gate covers in any batch row, gate values [b, n_i] in ``dtype``),
+        or None when the regions cover more than half of ``len(active)`` x the positions (then one dense pass is
+        cheaper). Built once per masks, layout and dtype: every layer of a resolution shares it."""
+        key = ("gathered", id(masks), tuple(active), b, dtype)
         hit = self._gates.get(key)
         if hit is None or hit[0] is not masks:
             plan, covered, n = [], 0, masks.shape[-1]
@@ -307,7 +307,7 @@ class RegionGate:
                 gate = self._batch_gate(masks, i, b)
                 idx = (gate.amax(0) > 0).nonzero().squeeze(1)
                 covered += idx.numel()
-                plan.append((idx, gate.index_select(1, idx)))
+                plan.append((idx, gate.index_select(1, idx).to(dtype)))
             hit = self._gates[key] = (masks, plan if 2 * covered <= len(active) * n else None)
         return hit[1]
 
@@ -420,7 +420,6 @@ def _add_gathered(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up:
         offset += rank
         if idx.numel() == 0:
             continue
-        gate = gate.to(output.dtype)
         if conv:  # [B, C, n]
             h = torch.matmul(d, xf.index_select(2, idx)) * gate[:, None]
             of.index_add_(2, idx, torch.matmul(u, h))

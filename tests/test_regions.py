@@ -106,20 +106,19 @@ def test_fused_regions_with_an_empty_and_a_full_mask_are_the_full_one_applied_gl
 
 @torch.no_grad()
 def test_small_regions_computed_on_their_own_positions_equal_the_dense_pass(unet, call, monkeypatch):
-    # three strips (soft edges, one region on two batch rows only) cover a third of 3 x the positions: each
-    # region's matmuls then run on its own positions; forcing the dense fused pass must give the same output
+    # three strips (soft-edged gates) cover a third of 3 x the positions: each region's matmuls then run on its
+    # own positions; forcing the dense fused pass must give the same output
     modules = unet_modules(unet)
     paths = [p for p in modules if p.endswith(("attn1.to_q", "attn1.to_v", "ff.net.2", "proj_in", "proj_out"))]
     masks = [torch.zeros(16, 16) for _ in range(3)]
     masks[0][:, :5], masks[1][:, 5:11], masks[2][:, 11:] = 1.0, 0.5, 1.0
     masks[1][:, 5] = 0.25
     regions = [Region(random_lora(modules, paths, seed=10 + i), 0.9, mask=m) for i, m in enumerate(masks)]
-    calls = []
+    plans = []
     real = RegionGate._gathered_plan
-    monkeypatch.setattr(RegionGate, "_gathered_plan", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(RegionGate, "_gathered_plan", lambda self, *a: plans.append(real(self, *a)) or plans[-1])
     gathered = run_gate(unet, call, regions)
-    assert calls and real(RegionGate(modules, [], regions), torch.stack(
-        [resize_gate(m, (8, 8)).expand(1, -1) for m in masks]), [0, 1, 2], 2) is not None
+    assert any(p is not None for p in plans)  # the gathered path really ran
     monkeypatch.setattr(RegionGate, "_gathered_plan", lambda self, *a: None)
     dense = run_gate(unet, call, regions)
     assert torch.allclose(gathered, dense, atol=1e-5, rtol=1e-5)
