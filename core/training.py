@@ -5,6 +5,7 @@ and the noise schedule; this module owns the data views, the loss, the optimiser
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -33,12 +34,41 @@ def training_prompt(token: str, class_word: str) -> str:
     return f"a photo of a {token} {class_word}"
 
 
-def residual_metadata(family: str, class_word: str, token: str, config: TrainConfig, resolution: int) -> dict:
-    """What a residual file records about how it was made (strings, as safetensors metadata must be)."""
+def image_prompts(token: str, class_word: str, captions: list[str] | None, n_images: int) -> list[str]:
+    """The training prompt of each image: the paper's one prompt (``[training_prompt]``) when ``captions`` is empty,
+    else one caption per image (one caption is shared), each naming ``token`` and ``class_word`` as words.
+
+    Why captions: the residual is trained with the prompts it sees; a caption that also names what the picture
+    shows besides the concept (place, background) keeps those words working when the concept is prompted with them.
+    """
+    captions = [c.strip() for c in (captions or []) if c.strip()]
+    if not captions:
+        return [training_prompt(token, class_word)]
+    if len(captions) == 1:
+        captions = captions * n_images
+    if len(captions) != n_images:
+        raise ValueError(f"{len(captions)} captions for {n_images} images: give one caption per image (one line "
+                         "each) or a single caption for all")
+    for c in captions:
+        text = " " + " ".join(c.lower().replace(",", " ").replace(".", " ").split()) + " "
+        missing = [w for w in (token, class_word) if f" {' '.join(w.lower().split())} " not in text]
+        if missing:
+            raise ValueError(f"the caption '{c}' does not name {' and '.join(repr(w) for w in missing)}: every "
+                             f"caption must contain the token and the class word, e.g. 'a {token} {class_word} on "
+                             "a beach'")
+    return captions
+
+
+def residual_metadata(family: str, class_word: str, token: str, config: TrainConfig, resolution: int,
+                      prompts: list[str] | None = None) -> dict:
+    """What a residual file records about how it was made (strings, as safetensors metadata must be); ``prompts``
+    (``image_prompts``) are recorded as ``captions`` when they are not the paper's one prompt."""
     meta = {"technique": "personalized_residuals", "base_family": family, "class_word": class_word, "token": token,
             "steps": config.steps, "seed": config.seed, "learning_rate": config.learning_rate,
             "batch_size": config.batch_size, "resolution": resolution,
             "prompt": training_prompt(token, class_word)}
+    if prompts and set(prompts) != {meta["prompt"]}:
+        meta["captions"] = json.dumps(list(prompts))
     return {k: str(v) for k, v in meta.items()}
 
 

@@ -5,6 +5,7 @@ import logging
 import os
 
 import comfy.model_management
+import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
@@ -78,3 +79,11 @@ def training_patcher(model):
     if device.type == "cuda":
         mp.set_model_compute_dtype(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     return mp, device
+
+
+class NamedCondGuider(comfy.samplers.CFGGuider):
+    """A guider holding named conds (``{name: conditioning}``); ComfyUI processes them as it does positive and
+    negative, and a trainer calls ``comfy.samplers.calc_cond_batch`` with the one it needs."""
+
+    def set_prompts(self, conds: dict):
+        self.inner_set_conds(conds)

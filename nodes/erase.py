@@ -31,6 +31,7 @@ from ..core.plots import line_plot
 from ..core.steering import MODES
 from ._common import (
     CATEGORY,
+    NamedCondGuider,
     Residuals,
     check_free,
     checked_sites,
@@ -251,13 +252,6 @@ class SteerAwayFromConcept(io.ComfyNode):
         return io.NodeOutput(add_steering(model, post_cfg))
 
 
-class _PromptGuider(comfy.samplers.CFGGuider):
-    """A guider holding the slider's prompts as named conds; ComfyUI processes them as it does positive/negative."""
-
-    def set_prompts(self, conds: dict):
-        self.inner_set_conds(conds)
-
-
 class _GuidedTrainer(comfy.samplers.Sampler):
     """Runs core.sliders.train_guided inside ComfyUI's guider (conditioning, wrappers and latent format are
     ComfyUI's own)."""
@@ -298,7 +292,7 @@ def _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, bat
         rs = R.init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
                               metadata=meta)
         latent = torch.zeros(batch_size, channels, resolution // 8, resolution // 8)
-        guider = _PromptGuider(mp)
+        guider = NamedCondGuider(mp)
         guider.set_prompts(conds)
         with ResidualGate(sites, rs) as gate:
             trainer = _GuidedTrainer(gate, rs.parameters(), eta, config, progress, denoise_steps)

@@ -18,6 +18,7 @@ from ..core.plots import line_plot
 from ..core.tokens import DEFAULT_TOKEN
 from ._common import (
     CATEGORY,
+    NamedCondGuider,
     Residuals,
     check_free,
     checked_sites,
@@ -34,8 +35,9 @@ class _ResidualTrainer(comfy.samplers.Sampler):
     """Runs the core's training loop inside ComfyUI's guider, so conditioning, wrappers and latent scaling are
     ComfyUI's own (SD1.x and SDXL alike)."""
 
-    def __init__(self, params, config, progress, masks):
+    def __init__(self, params, config, progress, masks, caption_of_view=None):
         self.params, self.config, self.progress, self.masks = params, config, progress, masks
+        self.caption_of_view = caption_of_view  # [V] caption index of each view (NamedCondGuider keys caption_<i>)
         self.losses = []
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -44,13 +46,26 @@ class _ResidualTrainer(comfy.samplers.Sampler):
         table = ms.sigmas.float().to(latent_image.device)
         alphas_cumprod = 1.0 / (1.0 + table ** 2)
 
-        def predict(x_t, t, _ctx):
+        def predict(x_t, t, ctx):
             sigma = table[t]
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            return model_wrap(x_t / a.sqrt(), sigma, **extra_args)  # ComfyUI returns the denoised x0
+            if self.caption_of_view is None:
+                return model_wrap(x_t / a.sqrt(), sigma, **extra_args)  # ComfyUI returns the denoised x0
+            keys = ctx[:, 0, 0].long()
+            out = torch.empty_like(x_t)
+            for k in keys.unique().tolist():  # one model call per caption in the batch
+                rows = (keys == k).nonzero().flatten()
+                (x0,) = comfy.samplers.calc_cond_batch(model_wrap.inner_model, [model_wrap.conds[f"caption_{k}"]],
+                                                       x_t[rows] / a[rows].sqrt(), sigma[rows],
+                                                       extra_args["model_options"])
+                out[rows] = x0
+            return out
 
         masks = self.masks.to(latent_image.device) if self.masks is not None else None
-        context = torch.zeros(1, 1, 1, device=latent_image.device)  # conditioning comes from the guider
+        if self.caption_of_view is None:
+            context = torch.zeros(1, 1, 1, device=latent_image.device)  # conditioning comes from the guider
+        else:  # each view's caption index travels as its "context"
+            context = self.caption_of_view.to(latent_image.device, torch.float32).view(-1, 1, 1)
         self.losses = training.train(self.params, predict, latent_image.float(), context, alphas_cumprod, "x0",
                                      masks, self.config, self.progress)
         return latent_image
@@ -101,6 +116,15 @@ class TrainPersonalizedResiduals(io.ComfyNode):
                 io.String.Input("target_blocks", default="", optional=True,
                                 tooltip="Optional: train residuals only in these blocks, e.g. 'input, middle' or "
                                         "'output_blocks.9'. Empty: every transformer block (the paper)."),
+                io.String.Input("captions", default="", multiline=True, optional=True,
+                                tooltip="Optional: one caption per image, one per line in the batch's order (or "
+                                        "one line for all), each with the token and the class word, e.g. 'a sks "
+                                        "dog on a beach'. Name what else the picture shows so those words keep "
+                                        "working with the concept. Empty: 'a photo of a <token> <class word>' "
+                                        "(the paper)."),
+                io.Boolean.Input("flip", default=True, optional=True,
+                                 tooltip="Mirror some views at random (more variety from few images). Turn it off "
+                                         "where left and right matter, e.g. captions that say 'on the left'."),
             ],
             outputs=[
                 Residuals.Output(display_name="residuals", tooltip="The learned residual set."),
@@ -110,7 +134,8 @@ class TrainPersonalizedResiduals(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, class_word, token, steps, learning_rate, batch_size, rank_ratio,
-                seed, resolution, views, save_name, overwrite, masks=None, target_blocks=""):
+                seed, resolution, views, save_name, overwrite, masks=None, target_blocks="", captions="",
+                flip=True):
         class_word, token = class_word.strip(), token.strip()
         if not class_word or not token:
             raise ValueError("give both a class word (e.g. 'dog') and a token (e.g. 'sks')")
@@ -118,18 +143,23 @@ class TrainPersonalizedResiduals(io.ComfyNode):
         path = lora_path(save_name) if save_name.strip() else None
         if path:
             check_free(path, overwrite)  # fail before minutes of training, not after
-        prompt = training.training_prompt(token, class_word)
-        concept_positions(clip, prompt, [token, class_word])
+        prompts = training.image_prompts(token, class_word, (captions or "").splitlines(), images.shape[0])
+        unique = list(dict.fromkeys(prompts))
+        for prompt in unique:
+            concept_positions(clip, prompt, [token, class_word])
         config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
         family = model_family(model)
-        meta = training.residual_metadata(family, class_word, token, config, resolution)
+        meta = training.residual_metadata(family, class_word, token, config, resolution, prompts)
         progress = step_progress(steps)
 
         view_images, view_masks = training.make_views(images[..., :3].cpu(), None if masks is None else masks.cpu(),
-                                                      resolution, views, seed)
+                                                      resolution, views, seed, flip)
         with torch.no_grad():
             latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
-            cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            conds = [clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in unique]
+        caption_of_view = None
+        if len(unique) > 1:  # make_views keeps each image's views together
+            caption_of_view = torch.tensor([unique.index(p) for p in prompts]).repeat_interleave(views)
         with torch.inference_mode(False), torch.enable_grad():
             latents = latents.detach().clone()  # tensors made under inference mode cannot enter autograd
             lat_masks = training.latent_masks(None if view_masks is None else view_masks.clone(),
@@ -138,9 +168,13 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             sites = model_sites(mp)
             targets = R.select_sites([s for s, _ in sites], target_blocks or "")
             rs = R.init_residuals(targets, rank_ratio, seed=seed, device=device, metadata=meta)
-            trainer = _ResidualTrainer(rs.parameters(), config, progress, lat_masks)
-            guider = Guider_Basic(mp)
-            guider.set_conds(cond)
+            trainer = _ResidualTrainer(rs.parameters(), config, progress, lat_masks, caption_of_view)
+            if caption_of_view is None:
+                guider = Guider_Basic(mp)
+                guider.set_conds(conds[0])
+            else:
+                guider = NamedCondGuider(mp)
+                guider.set_prompts({f"caption_{i}": c for i, c in enumerate(conds)})
             with ResidualGate(sites, rs):
                 guider.sample(torch.zeros_like(latents), latents, trainer, torch.zeros(len(latents)), seed=seed)
         rs = rs.detached()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -102,3 +104,46 @@ def test_views_without_flips_keep_left_and_right(concept_images):
     red_cols = [(im[..., 0] > 0.7).float().mean(0).argmax().item() for im in imgs]
     left_of_centre = [(concept_images[i, :, :, 0] > 0.7).float().mean(0).argmax().item() < 16 for i in range(4)]
     assert all((c < 16) == left_of_centre[i // 6] for i, c in enumerate(red_cols))
+
+
+def test_captions_pick_each_image_prompt_and_name_what_is_wrong():
+    assert training.image_prompts("sks", "toy", None, 3) == ["a photo of a sks toy"]
+    assert training.image_prompts("sks", "toy", ["", "  "], 3) == ["a photo of a sks toy"]  # blank lines: default
+    assert training.image_prompts("sks", "toy", ["a sks toy on a beach"], 2) == ["a sks toy on a beach"] * 2
+    snow = "a sks teddy bear, in snow"
+    assert training.image_prompts("sks", "teddy bear", [snow], 1) == [snow]
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        training.image_prompts("sks", "toy", ["a sks toy", "a sks toy"], 3)
+    with pytest.raises(ValueError, match="does not name 'toy'"):
+        training.image_prompts("sks", "toy", ["a sks toys on a beach"], 1)  # 'toys' is not the word 'toy'
+
+
+def test_each_view_trains_with_its_own_image_caption(monkeypatch, sd1_unet, vae, tokenizer, text_encoder,
+                                                     concept_images):
+    seen = {}
+
+    def fake_train(params, predict, latents, contexts, *args, **kwargs):
+        seen["latents"], seen["contexts"] = latents, contexts
+        return [0.0]
+
+    monkeypatch.setattr(training, "train", fake_train)
+    captions = [f"a sks toy number {i}" for i in range(len(concept_images))]
+    rs, _ = train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images, "toy", resolution=32, views=3,
+                            config=training.TrainConfig(steps=1), captions=captions)
+    expected = encode_text(tokenizer, text_encoder, captions)
+    assert seen["contexts"].shape[0] == seen["latents"].shape[0] == 3 * len(captions)
+    for v in range(seen["contexts"].shape[0]):  # views of image i come together: view v belongs to image v // 3
+        assert torch.equal(seen["contexts"][v], expected[v // 3])
+    assert json.loads(rs.metadata["captions"]) == captions
+
+
+def test_one_shared_caption_trains_exactly_like_the_paper_prompt(sd1_unet, vae, tokenizer, text_encoder,
+                                                                 concept_images):
+    cfg = training.TrainConfig(steps=4, batch_size=2, learning_rate=1e-2, seed=1)
+    kwargs = dict(class_word="toy", token="sks", resolution=32, views=1, config=cfg)
+    rs, losses = train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images, **kwargs)
+    rs2, losses2 = train_residuals(sd1_unet, vae, tokenizer, text_encoder, concept_images,
+                                   captions=["a photo of a sks toy"], **kwargs)
+    assert losses == pytest.approx(losses2, rel=1e-6, abs=0)
+    assert all(torch.allclose(rs.layers[k].up, rs2.layers[k].up, atol=1e-7) for k in rs.layers)
+    assert "captions" not in rs.metadata and "captions" not in rs2.metadata

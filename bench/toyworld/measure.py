@@ -142,16 +142,25 @@ def row_none(ctx: Ctx) -> Row:
     return Row(lambda prompts, seed: _plain_sample(ctx, prompts, seed), note="base model, V* untrained")
 
 
-def _residuals(ctx: Ctx):
-    if "residuals" not in ctx.cache:
+def concept_captions(scenes: list[S.Scene]) -> list[str]:
+    """Each concept render's caption with the concept written "V* <class word>": what a user would type for it."""
+    return [f"a {TOKEN} {CLASS_WORD} {S.POSITION_PHRASE[sc.objects[0].position]} on a {sc.background} background"
+            for sc in scenes]
+
+
+def _residuals(ctx: Ctx, captions: bool = False):
+    key = "residuals_captions" if captions else "residuals"
+    if key not in ctx.cache:
         t0 = time.time()
+        # with captions that name the place, views are not mirrored (a mirrored "on the left" would be wrong)
+        extra = dict(captions=concept_captions(concept_scenes()), flip=False) if captions else {}
         rs, losses = D.train_residuals(ctx.unet, M.vae_for(ctx.unet), ctx.tokenizer, ctx.text_encoder, ctx.images,
                                        CLASS_WORD, token=TOKEN, resolution=S.SIZE, config=ctx.config,
-                                       prediction="v", alphas_cumprod=M.train_alphas_cumprod())
-        ctx.cache["residuals"] = (rs, time.time() - t0, losses)
-        log.info("residuals: %d params, loss %.4f -> %.4f", rs.parameter_count(), np.mean(losses[:10]),
+                                       prediction="v", alphas_cumprod=M.train_alphas_cumprod(), **extra)
+        ctx.cache[key] = (rs, time.time() - t0, losses)
+        log.info("%s: %d params, loss %.4f -> %.4f", key, rs.parameter_count(), np.mean(losses[:10]),
                  np.mean(losses[-10:]))
-    return ctx.cache["residuals"]
+    return ctx.cache[key]
 
 
 def _token_idx(ctx: Ctx, prompts: list[str]) -> list[int]:
@@ -161,16 +170,16 @@ def _token_idx(ctx: Ctx, prompts: list[str]) -> list[int]:
     return list(idx.pop())
 
 
-def _residual_row(ctx: Ctx, localized: bool) -> Row:
-    rs, secs, _ = _residuals(ctx)
+def _residual_row(ctx: Ctx, localized: bool, captions: bool = False) -> Row:
+    rs, secs, _ = _residuals(ctx, captions)
     sites = D.unet_sites(ctx.unet)
 
     def sample(prompts, seed):
         with ResidualGate(sites, rs, localized=localized) as gate:
             return _plain_sample(ctx, prompts, seed, gate=gate, token_idx=_token_idx(ctx, prompts))
 
-    return Row(sample, rs.parameter_count(), secs,
-               "LAG: median-gated by each block's V* cross-attention" if localized else "global residual")
+    note = "LAG: median-gated by each block's V* cross-attention" if localized else "global residual"
+    return Row(sample, rs.parameter_count(), secs, note + (", trained on per-image captions" if captions else ""))
 
 
 def row_residual_global(ctx: Ctx) -> Row:
@@ -179,6 +188,15 @@ def row_residual_global(ctx: Ctx) -> Row:
 
 def row_residual_lag(ctx: Ctx) -> Row:
     return _residual_row(ctx, True)
+
+
+def row_residual_global_captions(ctx: Ctx) -> Row:
+    """The residuals trained on each render's caption ("a V* shape on the left on a white background")."""
+    return _residual_row(ctx, False, captions=True)
+
+
+def row_residual_lag_captions(ctx: Ctx) -> Row:
+    return _residual_row(ctx, True, captions=True)
 
 
 def _views(ctx: Ctx):
@@ -282,12 +300,36 @@ def row_text_embedding(ctx: Ctx) -> Row:
     return Row(sample, ti.vec.numel(), secs, f"one vector, lr {cfg.learning_rate:g}")
 
 
+def row_full_finetune(ctx: Ctx) -> Row:
+    """DreamBooth-style: every UNet weight trained (a copy; the text encoder frozen), same prompt, steps and batch,
+    at a tenth of the row learning rate (all 1.7 M weights move, not 2.7 k)."""
+    import copy
+
+    unet = copy.deepcopy(ctx.unet).requires_grad_(True)
+    context = D.encode_text(ctx.tokenizer, ctx.text_encoder, [_training_prompt()])
+    cfg = training.TrainConfig(**{**ctx.config.__dict__, "learning_rate": ctx.config.learning_rate / 10})
+    t0 = time.time()
+    params = [p for p in unet.parameters()]
+    training.train(params, lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, _views(ctx), context,
+                   M.train_alphas_cumprod(), "v", None, cfg)
+    secs = time.time() - t0
+    unet.requires_grad_(False)
+
+    def sample(prompts, seed):
+        return M.generate(unet, ctx.text_encoder, ctx.tokenizer, prompts, seed=seed)
+
+    return Row(sample, sum(p.numel() for p in params), secs, f"all UNet weights, lr {cfg.learning_rate:g}")
+
+
 ROWS: dict[str, Callable[[Ctx], Row]] = {
     "none": row_none,
     "residual_global": row_residual_global,
     "residual_lag": row_residual_lag,
+    "residual_global_captions": row_residual_global_captions,
+    "residual_lag_captions": row_residual_lag_captions,
     "lora_kv_equal_params": row_lora_kv,
     "text_embedding": row_text_embedding,
+    "full_finetune": row_full_finetune,
 }
 
 

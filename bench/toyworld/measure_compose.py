@@ -43,20 +43,30 @@ SAMPLE_SEEDS = tuple(range(801, 809))
 TRAIN_SEED = 0
 
 
+def concept_scenes(c: dict, n: int = 4) -> list[S.Scene]:
+    return [S.make_scene(c["seed0"] + i, n_objects=1, shapes=(c["shape"],), textures=(c["texture"],),
+                         colours=(c["colour"],)) for i in range(n)]
+
+
 def renders(c: dict, n: int = 4) -> torch.Tensor:
-    scenes = [S.make_scene(c["seed0"] + i, n_objects=1, shapes=(c["shape"],), textures=(c["texture"],),
-                           colours=(c["colour"],)) for i in range(n)]
-    return torch.from_numpy(S.render_batch(scenes))
+    return torch.from_numpy(S.render_batch(concept_scenes(c, n)))
 
 
-def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3) -> dict:
+def captions(token: str, c: dict, n: int = 4) -> list[str]:
+    """Each render's caption with the concept written "<token> <class word>"."""
+    return [f"a {token} {S.CLASS_WORD} {S.POSITION_PHRASE[sc.objects[0].position]} on a {sc.background} background"
+            for sc in concept_scenes(c, n)]
+
+
+def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3, with_captions: bool = False) -> dict:
     out = {}
     for token, c in concepts.items():
         t0 = time.time()
         cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
         rs, _ = D.train_residuals(unet, M.VAE(), tok, te, renders(c), S.CLASS_WORD, token=token,
                                   resolution=S.SIZE, flip=False, config=cfg, prediction="v",
-                                  alphas_cumprod=M.train_alphas_cumprod())
+                                  alphas_cumprod=M.train_alphas_cumprod(),
+                                  captions=captions(token, c) if with_captions else None)
         out[token] = (rs, time.time() - t0)
     return out
 
@@ -92,11 +102,11 @@ def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
 
 
 def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4,
-        concept_set: str = "new", lr: float = 1e-3) -> dict:
+        concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False) -> dict:
     concepts = CONCEPT_SETS[concept_set]
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
-    learned = learn(unet, te, tok, steps, concepts, lr)
+    learned = learn(unet, te, tok, steps, concepts, lr, with_captions)
     sites = D.unet_sites(unet)
     modules = D.unet_modules(unet)
     prompts = [f"a sks {S.CLASS_WORD} and a zwx {S.CLASS_WORD} on a {bg} background"
@@ -128,7 +138,8 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
         return ctx_regions
 
     res = {"concept_set": concept_set, "concepts": {k: dict(v) for k, v in concepts.items()}, "train_steps": steps,
-           "learning_rate": lr, "train_seed": TRAIN_SEED, "sample_seeds": list(seeds), "prompts": prompts,
+           "learning_rate": lr, "captions": with_captions, "train_seed": TRAIN_SEED, "sample_seeds": list(seeds),
+           "prompts": prompts,
            "train_seconds": {t: round(learned[t][1], 1) for t in concepts}, "weights_sha256": M.sha256(weights),
            "rows": {}}
     for name in ("none", "global", "multi_lag", "masks"):
@@ -171,11 +182,14 @@ def main(argv=None):
     ap.add_argument("--concepts", choices=sorted(CONCEPT_SETS), default="new",
                     help="new: the held-out ring and checkered texture; known: two objects the base model can draw")
     ap.add_argument("--lr", type=float, default=1e-3, help="the residual trainer's learning rate")
+    ap.add_argument("--captions", action="store_true",
+                    help="train each concept on its renders' captions ('a sks shape on the left on a white "
+                         "background') instead of the paper's one prompt")
     ap.add_argument("--json", default="bench/toyworld/results/compose.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
-    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr)
+    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr, args.captions)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

@@ -10,7 +10,8 @@ judge over sampling seeds ``EVAL_SEEDS``:
 - specificity: share of the other colours' prompts whose object has the asked colour, and its drop from the
   base model's (target: drop <= 0.02).
 Rows: the base model; the closed-form edit without / with RealEra neighbours; LEACE on the prompt's conditioning;
-steering during sampling (negative guidance, SLD); ESD-style residual fine-tuning; a concept slider ("a red shape" /
+steering during sampling (negative guidance, SLD); ESD-style residual fine-tuning (on each transformer's proj_out;
+on the model's own DDIM path; ESD-x: on the cross-attention keys and values only); a concept slider ("a red shape" /
 "a shape") applied at strength -1 and -2. With ``--attack``, also
 the concept-inversion attack: a new token learned on 4 red renders through each erased pipeline, and how often
 "a sks <shape> ..." prompts then draw red (``attack_red_rate``).
@@ -18,6 +19,7 @@ the concept-inversion attack: a new token learned on 4 red renders through each 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,6 +39,7 @@ from core import sliders as SL
 from core import training
 from core.localize import CallPlan, ResidualGate
 from core.patching import diffusers as D
+from core.patching.comfy_compose import KVResidualHooks, init_kv_residuals
 from core.steering import steering_correction
 
 from . import judge as J
@@ -119,11 +122,19 @@ class Erased:
     steer: tuple | None = None
     residuals: R.ResidualSet | None = None
     strength: float = 1.0  # of the residuals (a slider turned down: negative)
+    kv: bool = False  # residuals on attn2.to_k / to_v (ESD-x) instead of each transformer's proj_out
+
+
+def _kv_hooks(e: Erased) -> KVResidualHooks:
+    return KVResidualHooks(dict(E.cross_attention_projections(D.unet_sites(e.unet))), e.residuals, e.strength)
 
 
 def sample(e: Erased, te, tok, prompts, seed):
     if e.residuals is None:
         return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
+    if e.kv:
+        with _kv_hooks(e):
+            return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
     with ResidualGate(D.unet_sites(e.unet), e.residuals, e.strength) as gate:
         return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer, gate)
 
@@ -200,6 +211,17 @@ def row_esd_trajectory(unet, te, tok, steps=200):
     return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps, M.SAMPLE_STEPS)
 
 
+def row_esd_x(unet, te, tok, steps=200):
+    """ESD-x: the residuals on the cross-attention keys and values only (the ESD paper's variant for erasing one
+    concept while leaving prompts without it alone)."""
+    return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps, kv=True)
+
+
+def esd_shape_prompts() -> list[dict[str, str]]:
+    """ESD's prompts for the erased colour on each base shape ("a red circle", ...): the concept in several wordings."""
+    return [SL.esd_prompts(f"a {ERASED} {shape}") for shape in S.BASE_SHAPES]
+
+
 def row_slider(unet, te, tok, steps=200, strength=-1.0):
     """A concept slider "a red shape" / "a shape" (neutral: their shared words), turned down: ``strength`` < 0."""
     plus, minus = f"a {ERASED} shape", "a shape"
@@ -219,26 +241,37 @@ def row_slider_strong(unet, te, tok):
     return row_slider(unet, te, tok, strength=-2.0)
 
 
-def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int, denoise_steps: int = 0) -> Erased:
-    """Residuals trained to follow core.sliders.guided_target for ``prompts`` (ESD and sliders alike)."""
+def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int, denoise_steps: int = 0,
+                      kv: bool = False) -> Erased:
+    """Residuals trained to follow core.sliders.guided_target for ``prompts`` (ESD and sliders alike); ``kv``: on
+    the cross-attention K/V projections, else on each transformer's proj_out."""
     contexts = {k: D.encode_text(tok, te, [v]) for k, v in prompts.items()}
     sites = D.unet_sites(unet)
-    rs = R.init_residuals([s for s, _ in sites], fixed_rank=4, seed=0, init_scale=0.0)
+    if kv:
+        projections = E.cross_attention_projections(sites)
+        rs = init_kv_residuals([(n, m.in_features, m.out_features) for n, m in projections], 4, seed=0)
+        patch = KVResidualHooks(dict(projections), rs)
+        switch = lambda on: setattr(patch, "strength", float(on))  # noqa: E731
+    else:
+        rs = R.init_residuals([s for s, _ in sites], fixed_rank=4, seed=0, init_scale=0.0)
+        patch = ResidualGate(sites, rs)
+        switch = lambda on: setattr(patch, "plan", CallPlan(active=on))  # noqa: E731
     cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=3e-3, seed=0)
     unet.requires_grad_(False)
     c = unet.config
 
     def predict(x_t, t, prompt, residual):
-        gate.plan = CallPlan(active=residual)
+        switch(residual)
         return unet(x_t, t, encoder_hidden_states=contexts[prompt].expand(x_t.shape[0], -1, -1)).sample
 
     t0 = time.time()
-    with ResidualGate(sites, rs) as gate:
+    with patch:
         losses = SL.train_guided(rs.parameters(), predict, (c.in_channels, c.sample_size, c.sample_size),
                                  M.train_alphas_cumprod(), 1.0, "v", cfg, denoise_steps=denoise_steps)
-    return Erased(unet, f"{rs.parameter_count()} params, {steps} steps in {time.time() - t0:.0f} s, "
+    return Erased(unet, f"{'K/V' if kv else 'proj_out'} {rs.parameter_count()} params, {steps} steps in "
+                        f"{time.time() - t0:.0f} s, "
                         + (f"x_t on {denoise_steps}-step DDIM paths, " if denoise_steps else "")
-                        + f"loss {losses[0]:.4f}->{losses[-1]:.4f}", residuals=rs.detached())
+                        + f"loss {losses[0]:.4f}->{losses[-1]:.4f}", residuals=rs.detached(), kv=kv)
 
 
 # ------------------------------------------------------------------------------------------ the attack
@@ -272,16 +305,13 @@ def attack_rate(e: Erased, te, tok, judge, steps: int = 300, lr: float = 5e-3) -
             c = e.cond_fn(c) if e.cond_fn is not None else c
         return e.unet(x, t, encoder_hidden_states=c.expand(x.shape[0], -1, -1)).sample
 
-    gate = ResidualGate(D.unet_sites(e.unet), e.residuals) if e.residuals is not None else None
+    patch = contextlib.nullcontext()
+    if e.residuals is not None:
+        patch = _kv_hooks(e) if e.kv else ResidualGate(D.unet_sites(e.unet), e.residuals)
     with inversion:
-        if gate is not None:
-            gate.install()
-        try:
+        with patch:
             training.train([inversion.vec], predict, latents, torch.zeros(1, 1, 1), M.train_alphas_cumprod(), "v",
                            None, cfg)
-        finally:
-            if gate is not None:
-                gate.remove()
         reds = []
         for seed in ATTACK_SEEDS:
             for reading in J.read(judge, sample(e, te, tok, attack_prompts(), seed)):
@@ -294,6 +324,7 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "leace": row_leace,
                              "leace_per_position": row_leace_per_position, "steer_negative": row_steer_negative,
                              "steer_sld": row_steer_sld, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
+                             "esd_x": row_esd_x,
                              "slider": row_slider,
                              "slider_strong": row_slider_strong}
 

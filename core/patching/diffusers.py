@@ -58,19 +58,25 @@ def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, cl
                     token: str = "sks", masks: torch.Tensor | None = None, resolution: int = 512,
                     views: int = 4, flip: bool = True, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
                     config: training.TrainConfig = training.TrainConfig(), prediction: str = "eps",
-                    alphas_cumprod: torch.Tensor | None = None, progress=None):
-    """Learn a residual set for a concept from ``images`` [N, H, W, 3]; returns (ResidualSet, losses)."""
+                    alphas_cumprod: torch.Tensor | None = None, progress=None, captions: list[str] | None = None):
+    """Learn a residual set for a concept from ``images`` [N, H, W, 3]; returns (ResidualSet, losses).
+
+    ``captions``: one prompt per image (each naming the token and the class word) instead of the paper's single
+    "a photo of a V* <class>"; see ``training.image_prompts``."""
     masks = training.check_images(images, masks)
     sites = unet_sites(unet)
-    prompt = training.training_prompt(token, class_word)
-    concept_positions(tokenizer, prompt, [token, class_word])  # fails early on a word the tokenizer drops
-    meta = training.residual_metadata(unet_family(unet), class_word, token, config, resolution)
+    prompts = training.image_prompts(token, class_word, captions, images.shape[0])
+    for prompt in set(prompts):
+        concept_positions(tokenizer, prompt, [token, class_word])  # fails early on a word the tokenizer drops
+    meta = training.residual_metadata(unet_family(unet), class_word, token, config, resolution, prompts)
     rs = R.init_residuals([s for s, _ in sites], rank_ratio, fixed_rank, seed=config.seed,
                           device=unet.device, metadata=meta)
     view_images, view_masks = training.make_views(images, masks, resolution, views, config.seed, flip)
     latents = encode_images(vae, view_images).float()
     lat_masks = training.latent_masks(view_masks, latents.shape[-2:])
-    context = encode_text(tokenizer, text_encoder, [prompt])
+    context = encode_text(tokenizer, text_encoder, prompts)
+    if len(prompts) > 1:
+        context = context.repeat_interleave(views, 0)  # make_views keeps each image's views together
     ac = alphas_cumprod if alphas_cumprod is not None else training.scaled_linear_alphas_cumprod()
     unet.requires_grad_(False)
 

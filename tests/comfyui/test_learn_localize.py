@@ -186,6 +186,31 @@ def test_training_never_overwrites_an_existing_file(comfy_server, sd15_residual)
     assert "ConceptsTrainResiduals" in err  # the second refusal came from the training node
 
 
+def test_captions_train_each_image_with_its_own_and_the_paper_caption_is_the_default(comfy_server):
+    import json
+
+    import torch
+
+    from core.residuals import load
+
+    def trained(tag, **inputs):
+        _, path = train(comfy_server, SD15, f"tests/captions_{tag}", ConceptsTrainResiduals=dict(seed=5, **inputs))
+        return load(str(path))
+
+    default = trained("default")
+    shared = trained("shared", captions="a photo of a sks toy")
+    lines = ["a sks toy on grass", "a sks toy on sand", "a sks toy in snow", "a sks toy indoors"]
+    per_image = trained("per_image", captions="\n".join(lines), flip=False)
+    assert all(torch.equal(default.layers[k].up, shared.layers[k].up) for k in default.layers)
+    assert not all(torch.equal(default.layers[k].up, per_image.layers[k].up) for k in default.layers)
+    assert json.loads(per_image.metadata["captions"]) == lines and "captions" not in shared.metadata
+    for captions, message in (("a sks toy\na sks toy", "2 captions for 4 images"),
+                              ("a toy on grass", "does not name 'sks'")):
+        err = comfy_server.run_expect_error(workflow_prompt(
+            "learn_residuals", SD15, save_name="", ConceptsTrainResiduals={"captions": captions}))
+        assert message in err
+
+
 @pytest.mark.parametrize("mask_size,value,message", [(64, 0.0, "empty"), (32, 1.0, "one mask per image")])
 def test_bad_masks_are_explained(comfy_server, mask_size, value, message):
     add_inputs(comfy_server)
