@@ -186,7 +186,8 @@ def test_training_never_overwrites_an_existing_file(comfy_server, sd15_residual)
     assert "ConceptsTrainResiduals" in err  # the second refusal came from the training node
 
 
-def test_captions_train_each_image_with_its_own_and_the_paper_caption_is_the_default(comfy_server):
+@pytest.mark.parametrize("ckpt", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_captions_train_each_image_with_its_own_and_the_paper_caption_is_the_default(comfy_server, ckpt):
     import json
 
     import torch
@@ -194,7 +195,8 @@ def test_captions_train_each_image_with_its_own_and_the_paper_caption_is_the_def
     from core.residuals import load
 
     def trained(tag, **inputs):
-        _, path = train(comfy_server, SD15, f"tests/captions_{tag}", ConceptsTrainResiduals=dict(seed=5, **inputs))
+        _, path = train(comfy_server, ckpt, f"tests/captions_{ckpt.split('_')[1]}_{tag}",
+                        ConceptsTrainResiduals=dict(seed=5, **inputs))
         return load(str(path))
 
     default = trained("default")
@@ -207,7 +209,7 @@ def test_captions_train_each_image_with_its_own_and_the_paper_caption_is_the_def
     for captions, message in (("a sks toy\na sks toy", "2 captions for 4 images"),
                               ("a toy on grass", "does not name 'sks'")):
         err = comfy_server.run_expect_error(workflow_prompt(
-            "learn_residuals", SD15, save_name="", ConceptsTrainResiduals={"captions": captions}))
+            "learn_residuals", ckpt, save_name="", ConceptsTrainResiduals={"captions": captions}))
         assert message in err
 
 
