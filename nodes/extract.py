@@ -109,12 +109,16 @@ class ExtractMasks(io.ComfyNode):
         def probe(predict, model_wrap, latent, table):
             sites = P.model_sites(model)  # the same modules the guider runs (ComfyUI patches weights in place)
             sigma = table[min(len(table) - 1, max(0, round(noise * (len(table) - 1))))]
-            with torch.no_grad(), X.SelfAttentionRecorder(sites) as rec:  # sums over the draws
-                for draw in range(max(1, noise_draws)):
-                    gen = torch.Generator().manual_seed(seed + draw)
-                    eps = torch.randn(latent.shape, generator=gen).to(latent)
-                    predict(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
-            return rec.sums, rec.counts, tuple(latent.shape[-2:])
+            latent_hw = tuple(latent.shape[-2:])
+
+            def run_draw(draw):
+                gen = torch.Generator().manual_seed(seed + draw)
+                eps = torch.randn(latent.shape, generator=gen).to(latent)
+                predict(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
+
+            with torch.no_grad():  # sums over the draws; layers the grid does not use are not recorded
+                sums, counts = X.record_self_attention(sites, latent_hw, run_draw, noise_draws)
+            return sums, counts, latent_hw
 
         sums, counts, latent_hw = run_in_guider(model, cond, latents, probe, seed)
         grid, hw = X.self_attention_grid(sums, counts, latent_hw)

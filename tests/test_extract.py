@@ -185,3 +185,32 @@ def test_a_saved_concept_set_loads_bit_identical_and_is_never_overwritten(tmp_pa
     with pytest.raises(ValueError, match="not a concept set"):
         R.save(rs, str(tmp_path / "plain.safetensors"))
         load_concepts(str(tmp_path / "plain.safetensors"))
+
+
+def test_skipping_layers_the_grid_never_uses_changes_no_mask(sd1_unet, vae, tokenizer, text_encoder,
+                                                            two_object_image):
+    import torch.nn.functional as F
+
+    from core.extract import record_self_attention
+    from core.patching.diffusers import encode_images, unet_sites
+
+    img, _ = two_object_image
+    big = F.interpolate(img.permute(0, 3, 1, 2), size=(128, 128), mode="nearest").permute(0, 2, 3, 1)
+    latent = encode_images(vae, big)  # 64 wide: the tiny UNet's attention runs at 64 and at 32
+    args = (sd1_unet, vae, tokenizer, text_encoder, big)
+    skipped = self_attention_masks(*args, concepts=2, seed=0, noise_draws=2)
+    recorded = self_attention_masks(*args, concepts=2, seed=0, noise_draws=2, record_all_layers=True)
+    assert torch.equal(skipped, recorded)
+
+    def run_draw(draw):
+        sd1_unet(latent, torch.tensor([300]), encoder_hidden_states=torch.zeros(1, 77, 32))
+
+    hw = tuple(latent.shape[-2:])
+    all_sums, all_counts = record_self_attention(unet_sites(sd1_unet), hw, run_draw, 2, max_width=None)
+    assert set(all_sums) == {64 * 64, 32 * 32}
+    sums, counts = record_self_attention(unet_sites(sd1_unet), hw, run_draw, 2)
+    assert set(sums) == {32 * 32} and counts == {32 * 32: all_counts[32 * 32]}  # 64-wide maps never computed
+    assert torch.equal(sums[32 * 32], all_sums[32 * 32])
+    # no layer narrow enough (max_width 8): every layer is recorded instead (draw 0 once more), as without a limit
+    sums, counts = record_self_attention(unet_sites(sd1_unet), hw, run_draw, 2, max_width=8)
+    assert counts == all_counts and all(torch.equal(sums[n], all_sums[n]) for n in all_sums)

@@ -126,19 +126,26 @@ def noised(latents: torch.Tensor, fraction: float, alphas_cumprod: torch.Tensor,
 @torch.no_grad()
 def self_attention_masks(unet, vae, tokenizer, text_encoder, image: torch.Tensor, concepts: int = 0,
                          max_concepts: int = 4, noise_fraction: float = 0.3, seed: int = 0, prompt: str = "",
-                         alphas_cumprod: torch.Tensor | None = None, noise_draws: int = 4) -> torch.Tensor:
+                         alphas_cumprod: torch.Tensor | None = None, noise_draws: int = 4,
+                         record_all_layers: bool = False) -> torch.Tensor:
     """ConceptExpress-style masks [K, H, W] for one image [1, H, W, 3]: noise (``noise_draws`` draws, seeds
-    ``seed``, ``seed + 1``, ...), one UNet call per draw, cluster the mean self-attention."""
-    from ..extract import SelfAttentionRecorder, cluster_concepts, resize_masks, self_attention_grid
+    ``seed``, ``seed + 1``, ...), one UNet call per draw, cluster the mean self-attention. Only the layers the grid uses
+    are recorded unless ``record_all_layers``."""
+    from ..extract import GRID_MAX_WIDTH, cluster_concepts, record_self_attention, resize_masks, self_attention_grid
 
     latents = encode_images(vae, image).float()
     ac = alphas_cumprod if alphas_cumprod is not None else training.scaled_linear_alphas_cumprod()
     ctx = encode_text(tokenizer, text_encoder, [prompt])
-    with SelfAttentionRecorder(unet_sites(unet)) as rec:  # sums over the draws; the grid divides by the counts
-        for draw in range(max(1, noise_draws)):
-            x_t, t = noised(latents, noise_fraction, ac, seed + draw)
-            unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx)
-    grid, hw = self_attention_grid(rec.sums, rec.counts, tuple(latents.shape[-2:]))
+    latent_hw = tuple(latents.shape[-2:])
+    max_width = None if record_all_layers else GRID_MAX_WIDTH
+
+    def run_draw(draw):
+        x_t, t = noised(latents, noise_fraction, ac, seed + draw)
+        unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx)
+
+    # sums over the draws; the grid divides by the counts
+    sums, counts = record_self_attention(unet_sites(unet), latent_hw, run_draw, noise_draws, max_width)
+    grid, hw = self_attention_grid(sums, counts, latent_hw)
     masks = cluster_concepts(grid[0], hw, concepts, max_concepts, seed)
     return resize_masks(masks, tuple(image.shape[1:3]))
 
