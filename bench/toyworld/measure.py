@@ -21,6 +21,7 @@ and register it in ``ROWS``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -43,8 +44,8 @@ from . import scenes as S
 log = logging.getLogger(__name__)
 
 CONCEPT = dict(shape="ring", colour="yellow", texture="plain")
-# --concept known: an object the base model can draw (its words never said in training prompts), to measure the
-# method where the held-out shape is out of the toy model's reach
+# --concept known: an object the base model can draw (learned, like the ring, from 4 renders under the token), to
+# measure the method where the held-out shape is out of the toy model's reach
 CONCEPTS = {"new": CONCEPT, "known": dict(shape="diamond", colour="yellow", texture="striped")}
 CONCEPT_RENDER_SEED0 = 70_000_000
 EVAL_SCENE_SEED0 = 60_000_000
@@ -149,9 +150,9 @@ def row_none(ctx: Ctx) -> Row:
     return Row(lambda prompts, seed: _plain_sample(ctx, prompts, seed), note="base model, V* untrained")
 
 
-def concept_captions(scenes: list[S.Scene]) -> list[str]:
+def concept_captions(scenes: list[S.Scene], token: str = TOKEN) -> list[str]:
     """Each concept render's caption with the concept written "V* <class word>": what a user would type for it."""
-    return [f"a {TOKEN} {CLASS_WORD} {S.POSITION_PHRASE[sc.objects[0].position]} on a {sc.background} background"
+    return [f"a {token} {CLASS_WORD} {S.POSITION_PHRASE[sc.objects[0].position]} on a {sc.background} background"
             for sc in scenes]
 
 
@@ -310,13 +311,11 @@ def row_text_embedding(ctx: Ctx) -> Row:
 def row_full_finetune(ctx: Ctx) -> Row:
     """DreamBooth-style: every UNet weight trained (a copy; the text encoder frozen), same prompt, steps and batch,
     at a tenth of the row learning rate (all 1.7 M weights move, not 2.7 k)."""
-    import copy
-
     unet = copy.deepcopy(ctx.unet).requires_grad_(True)
     context = D.encode_text(ctx.tokenizer, ctx.text_encoder, [_training_prompt()])
     cfg = training.TrainConfig(**{**ctx.config.__dict__, "learning_rate": ctx.config.learning_rate / 10})
     t0 = time.time()
-    params = [p for p in unet.parameters()]
+    params = list(unet.parameters())
     training.train(params, lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, _views(ctx), context,
                    M.train_alphas_cumprod(), "v", None, cfg)
     secs = time.time() - t0

@@ -31,6 +31,7 @@ from core.regions import Region, RegionGate, plan_rows
 from . import judge as J
 from . import model as M
 from . import scenes as S
+from .measure import concept_captions
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ def renders(c: dict, n: int = 4) -> torch.Tensor:
     return torch.from_numpy(S.render_batch(concept_scenes(c, n)))
 
 
-def captions(token: str, c: dict, n: int = 4) -> list[str]:
-    """Each render's caption with the concept written "<token> <class word>"."""
-    return [f"a {token} {S.CLASS_WORD} {S.POSITION_PHRASE[sc.objects[0].position]} on a {sc.background} background"
-            for sc in concept_scenes(c, n)]
-
-
 def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3, with_captions: bool = False) -> dict:
     out = {}
     for token, c in concepts.items():
@@ -66,7 +61,7 @@ def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3, with_capt
         rs, _ = D.train_residuals(unet, M.VAE(), tok, te, renders(c), S.CLASS_WORD, token=token,
                                   resolution=S.SIZE, flip=False, config=cfg, prediction="v",
                                   alphas_cumprod=M.train_alphas_cumprod(),
-                                  captions=captions(token, c) if with_captions else None)
+                                  captions=concept_captions(concept_scenes(c), token) if with_captions else None)
         out[token] = (rs, time.time() - t0)
     return out
 

@@ -217,11 +217,6 @@ def row_esd_x(unet, te, tok, steps=200):
     return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps, kv=True)
 
 
-def esd_shape_prompts() -> list[dict[str, str]]:
-    """ESD's prompts for the erased colour on each base shape ("a red circle", ...): the concept in several wordings."""
-    return [SL.esd_prompts(f"a {ERASED} {shape}") for shape in S.BASE_SHAPES]
-
-
 def row_slider(unet, te, tok, steps=200, strength=-1.0):
     """A concept slider "a red shape" / "a shape" (neutral: their shared words), turned down: ``strength`` < 0."""
     plus, minus = f"a {ERASED} shape", "a shape"
