@@ -36,6 +36,7 @@ from .residuals import LowRank
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("to_k", "to_v")
+KV_SUFFIXES = tuple(f".attn2.{p}" for p in PROJECTIONS)  # ldm names of the cross-attention K/V layers
 
 
 @dataclass

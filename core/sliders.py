@@ -6,7 +6,11 @@ model's predictions on others.
     ESD:     eps'(x_t, c_erase)   -> eps(x_t, c_erase)   - eta (eps(x_t, c_erase) - eps(x_t, empty))
 
 ESD is the slider objective with neutral = minus = the erased prompt and plus = the empty prompt, so one
-trainer serves both. The residual is the pack's low-rank ``proj_out`` residual set (core.residuals), applied
+trainer serves both. Several prompt triples may be given (one is drawn per step: e.g. the concept in several
+sentences, so the edit is not tied to one wording), and preserved prompts (neutral = plus = minus, whose target is
+the frozen model's own prediction), drawn on every other step when given, keep what the residual must not change.
+
+The residual is the pack's low-rank ``proj_out`` residual set (core.residuals), applied
 globally by ``ResidualGate``: a slider at strength s adds s * Delta W, so strength 0 is the base model exactly
 and a negative strength turns the attribute down.
 
@@ -19,6 +23,8 @@ states the sampler really visits, at about n / 2 more evaluations per step.
 from __future__ import annotations
 
 import difflib
+import json
+from collections.abc import Sequence
 
 import torch
 
@@ -77,15 +83,29 @@ def ddim_trajectory_point(predict, x_start: torch.Tensor, timesteps: torch.Tenso
     return x
 
 
+def draw_triple(gen: torch.Generator, sets: Sequence[tuple[str, str, str]], preserve: Sequence[str]):
+    """The (neutral, plus, minus) prompt keys of one step: with ``preserve``, a preserved prompt p as (p, p, p) on
+    half the steps; otherwise one of ``sets``, uniformly. Draws nothing from ``gen`` for one set and no preserve."""
+    if preserve and bool(torch.randint(2, (), generator=gen)):
+        p = preserve[int(torch.randint(len(preserve), (), generator=gen))] if len(preserve) > 1 else preserve[0]
+        return (p, p, p)
+    return sets[int(torch.randint(len(sets), (), generator=gen))] if len(sets) > 1 else sets[0]
+
+
 def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: torch.Tensor, eta: float,
                  prediction: str = "eps", config: TrainConfig = TrainConfig(), progress=None, device="cpu",
-                 denoise_steps: int = 0):
+                 denoise_steps: int = 0, sets: Sequence[tuple[str, str, str]] = (PROMPTS,),
+                 preserve: Sequence[str] = ()):
     """Optimise ``params`` (AdamW) so the residual model follows ``guided_target``; returns the loss per step.
 
-    ``predict(x_t, t, prompt, residual)`` returns the model output of kind ``prediction`` for ``prompt`` in
-    ``PROMPTS`` with the residual on or off; ``shape`` is one latent's [C, h, w]. Deterministic per seed.
-    ``denoise_steps`` > 0 draws x_t on the frozen model's DDIM trajectory (see the module docstring).
+    ``predict(x_t, t, prompt, residual)`` returns the model output of kind ``prediction`` for the prompt key
+    ``prompt`` with the residual on or off; ``shape`` is one latent's [C, h, w]. Deterministic per seed.
+    ``sets``: (neutral, plus, minus) key triples, one drawn per step; ``preserve``: keys whose prediction the
+    residual must keep (see ``draw_triple``). ``denoise_steps`` > 0 draws x_t on the frozen model's DDIM trajectory
+    for the step's neutral prompt (see the module docstring).
     """
+    if not sets:
+        raise ValueError("train_guided needs at least one (neutral, plus, minus) prompt triple")
     gen = torch.Generator().manual_seed(config.seed)
     for p in params:
         p.requires_grad_(True)
@@ -94,6 +114,7 @@ def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: tor
     last = ac.shape[0] - 1
     losses = []
     for step in range(config.steps):
+        neutral, plus, minus = draw_triple(gen, sets, preserve)
         b = config.batch_size
         noise_start = torch.randn((b, *shape), generator=gen).to(device)
         noise = torch.randn((b, *shape), generator=gen).to(device)
@@ -105,32 +126,72 @@ def train_guided(params: list[torch.Tensor], predict, shape, alphas_cumprod: tor
             if denoise_steps > 0:
                 path = torch.linspace(last, 0, denoise_steps + 1).round().long()
                 stop = int(torch.randint(0, denoise_steps, (), generator=gen))  # 0 .. n-1 steps taken
-                x_t = ddim_trajectory_point(predict, x_start, path[:stop + 1], ac, prediction)
+                x_t = ddim_trajectory_point(predict, x_start, path[:stop + 1], ac, prediction, neutral)
                 t = path[stop].expand(b).to(device)
                 a = ac[t]
             else:
-                x0 = convert_prediction(predict(x_start, t_start, "neutral", False), prediction, "x0", x_start,
+                x0 = convert_prediction(predict(x_start, t_start, neutral, False), prediction, "x0", x_start,
                                         a_start)
                 x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
-            base = {name: convert_prediction(predict(x_t, t, name, False), prediction, "eps", x_t, a)
-                    for name in PROMPTS}
-            target = guided_target(base["neutral"], base["plus"], base["minus"], eta)
-        pred = convert_prediction(predict(x_t, t, "neutral", True), prediction, "eps", x_t, a)
+            base = {key: convert_prediction(predict(x_t, t, key, False), prediction, "eps", x_t, a)
+                    for key in dict.fromkeys((neutral, plus, minus))}  # a preserved prompt: one call
+            target = guided_target(base[neutral], base[plus], base[minus], eta)
+        pred = convert_prediction(predict(x_t, t, neutral, True), prediction, "eps", x_t, a)
         optimizer_step(opt, diffusion_loss(pred, target), step, config, losses, progress)
     for p in params:
         p.requires_grad_(False)
     return losses
 
 
-def esd_prompts(erase: str) -> dict[str, str]:
-    """ESD's prompts in slider form: eps'(c_e) -> eps(c_e) + eta (eps(empty) - eps(c_e))."""
-    if not erase.strip():
-        raise ValueError("give the concept to erase (a word or short phrase)")
-    return {"neutral": erase, "plus": "", "minus": erase}
+def esd_sets(concepts: Sequence[str], anchors: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """ESD's triple (c, anchor, c) for each prompt c that holds the concept, keyed by the prompt text itself.
+
+    ``anchors``: what each prompt should become instead (one per prompt, or one for all; e.g. the prompt without
+    the concept word: the anchor concept of Kumari et al.'s Ablating Concepts); none: the empty prompt, as in ESD.
+    """
+    concepts = [c.strip() for c in concepts]
+    anchors = [a.strip() for a in anchors]
+    if not any(concepts):
+        raise ValueError("give the concept to erase (a word or short phrase, or one prompt per line)")
+    if anchors and len(anchors) not in (1, len(concepts)):
+        raise ValueError(f"give one anchor prompt, none, or one per concept prompt (got {len(anchors)} anchors for "
+                         f"{len(concepts)} concept prompts)")
+    pairs = zip(concepts, anchors * len(concepts) if len(anchors) == 1 else anchors or [""] * len(concepts),
+                strict=True)
+    return list(dict.fromkeys((c, a, c) for c, a in pairs if c))
 
 
-def slider_metadata(family: str, prompts: dict[str, str], eta: float, config: TrainConfig, technique: str):
+def slider_sets(positives: Sequence[str], negatives: Sequence[str], neutrals: Sequence[str] = ()):
+    """A slider's triple (neutral, plus, minus) per prompt pair, keyed by text: pairs line up one to one, each pair
+    differs in one word (see ``slider_words``); an empty or missing neutral is the pair's shared words."""
+    if len(positives) != len(negatives) or not positives:
+        raise SliderPromptError(f"give as many positive prompts as negative ones, one per line (got {len(positives)} "
+                                f"and {len(negatives)})")
+    if neutrals and len(neutrals) not in (1, len(positives)):
+        raise SliderPromptError(f"give one neutral prompt, none, or one per pair (got {len(neutrals)} for "
+                                f"{len(positives)} pairs)")
+    out = []
+    for i, (plus, minus) in enumerate(zip(positives, negatives, strict=True)):
+        slider_words(plus, minus)
+        given = (neutrals[i] if len(neutrals) > 1 else neutrals[0]).strip() if neutrals else ""
+        out.append((given or neutral_prompt(plus, minus), plus, minus))
+    return out
+
+
+def sets_prompts(sets: Sequence[tuple[str, str, str]], preserve: Sequence[str] = ()) -> list[str]:
+    """Every distinct prompt text the sets and preserved prompts use (what to encode), in first-use order."""
+    return list(dict.fromkeys([k for triple in sets for k in triple] + list(preserve)))
+
+
+def slider_metadata(family: str, sets: Sequence[tuple[str, str, str]], eta: float, config: TrainConfig,
+                    technique: str, preserve: Sequence[str] = ()):
+    """String metadata for the saved file: the first triple as prompt_neutral / plus / minus (as before several
+    were possible), every triple and preserved prompt as JSON."""
     meta = {"technique": technique, "base_family": family, "eta": eta, "steps": config.steps, "seed": config.seed,
             "learning_rate": config.learning_rate, "batch_size": config.batch_size}
-    meta.update({f"prompt_{k}": v for k, v in prompts.items()})
+    meta.update({f"prompt_{k}": v for k, v in zip(PROMPTS, sets[0], strict=True)})
+    if len(sets) > 1:
+        meta["prompt_sets"] = json.dumps([list(t) for t in sets])
+    if preserve:
+        meta["prompt_preserve"] = json.dumps(list(preserve))
     return {k: str(v) for k, v in meta.items()}

@@ -8,7 +8,10 @@ eps = eps_u + s (eps_c - eps_u), the correction added to it is
 - ``sld``:      -s * mu * (eps_s - eps_u), with the elementwise mu = min(scale * |eps_c - eps_s|, 1) where
   eps_c - eps_s < threshold and 0 elsewhere (SLD's guidance without its momentum term).
 
-A zero scale gives a correction of exactly zero.
+A zero scale gives a correction of exactly zero. With a neutral prediction eps_n (the concept prompt without the
+concept word, e.g. "a car" for "a red car"), the direction is eps_s - eps_n instead of eps_s - eps_u: only what the
+concept word adds is steered away from, not the rest of its prompt (the contrast concept sliders train on, applied
+at sampling time; one more prediction per step).
 """
 from __future__ import annotations
 
@@ -19,26 +22,30 @@ SLD_PRESETS = {"weak": (200.0, 0.0), "medium": (1000.0, 0.01), "strong": (2000.0
 
 
 def steering_correction(cond: torch.Tensor, uncond: torch.Tensor, concept: torch.Tensor, scale: float,
-                        cfg_scale: float = 1.0, mode: str = "negative", threshold: float = 0.0) -> torch.Tensor:
+                        cfg_scale: float = 1.0, mode: str = "negative", threshold: float = 0.0,
+                        neutral: torch.Tensor | None = None) -> torch.Tensor:
     """The term to add to the CFG noise prediction to steer away from ``concept`` (see the module docstring)."""
+    base = uncond if neutral is None else neutral
     if mode == "negative":
-        return -scale * (concept - uncond)
+        return -scale * (concept - base)
     if mode == "sld":
         diff = cond - concept
         mu = torch.where(diff < threshold, (scale * diff.abs()).clamp(max=1.0), torch.zeros_like(diff))
-        return -cfg_scale * mu * (concept - uncond)
+        return -cfg_scale * mu * (concept - base)
     raise ValueError(f"unknown steering mode {mode!r}; use one of {MODES}")
 
 
 def steer_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, cond_denoised: torch.Tensor,
                    uncond_denoised: torch.Tensor, concept_denoised: torch.Tensor, scale: float, cfg_scale: float,
-                   mode: str = "negative", threshold: float = 0.0) -> torch.Tensor:
+                   mode: str = "negative", threshold: float = 0.0,
+                   neutral_denoised: torch.Tensor | None = None) -> torch.Tensor:
     """The same steering for a sampler that works with denoised x0 = x - sigma * eps (ComfyUI, k-diffusion)."""
     s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
     def eps(d):
         return (x - d) / s
 
+    neutral = None if neutral_denoised is None else eps(neutral_denoised)
     correction = steering_correction(eps(cond_denoised), eps(uncond_denoised), eps(concept_denoised), scale,
-                                     cfg_scale, mode, threshold)
+                                     cfg_scale, mode, threshold, neutral)
     return denoised - s * correction

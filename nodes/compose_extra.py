@@ -15,7 +15,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 from ..core import compose as C
 from ..core import residuals as R
 from ..core import training
-from ..core.erase import cross_attention_projections
+from ..core.erase import KV_SUFFIXES, cross_attention_projections
 from ..core.layouts import family_label
 from ..core.patching.comfy import (
     apply_global,
@@ -44,7 +44,6 @@ from ._common import CATEGORY, Residuals, check_free, log, lora_path, save_resid
 from .learn import _ResidualTrainer
 
 COMPOSE = f"{CATEGORY}/compose"
-KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 
 # Custom Diffusion's merge keeps the merged K/V close to the base on these generic captions (the paper: ~1000
 # LAION captions; we ship a small fixed list covering common subjects, styles and scenes; editable in the node).

@@ -16,12 +16,15 @@ from ..core import erase as E
 from ..core import leace, training
 from ..core import residuals as R
 from ..core import sliders as S
-from ..core.localize import ResidualGate
+from ..core.erase import cross_attention_projections
+from ..core.localize import CallPlan, ResidualGate
 from ..core.patching.comfy import apply_global, model_family, model_sites
+from ..core.patching.comfy_compose import KVResidualHooks, init_kv_residuals
 from ..core.patching.comfy_erase import (
     add_steering,
     apply_slider,
     guided_predict,
+    is_kv_set,
     kv_weights,
     slider_wrapper,
     steering_post_cfg,
@@ -41,6 +44,7 @@ from ._common import (
     step_progress,
     training_patcher,
 )
+from .compose_extra import check_kv_concept
 
 ERASE = f"{CATEGORY}/erase"
 
@@ -237,65 +241,105 @@ class SteerAwayFromConcept(io.ComfyNode):
                                tooltip="Steer from this point of the schedule (SLD's warm-up: about 0.1)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Stop steering after this point of the schedule."),
+                io.String.Input("neutral", default="", optional=True,
+                                tooltip="The concept prompt without the concept (e.g. 'a car' for the concept 'a red "
+                                        "car'): steering then pushes away from what the concept adds to it only, "
+                                        "not from the rest (one more prediction per step). Empty: from the "
+                                        "unconditional prediction, as in the papers."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the steering patch (a clone).")],
         )
 
     @classmethod
-    def execute(cls, model, clip, concept, scale, mode, threshold, start_percent, end_percent):
+    def execute(cls, model, clip, concept, scale, mode, threshold, start_percent, end_percent, neutral=""):
         if not concept.strip():
             raise ValueError("give the concept to steer away from")
+        if neutral.strip() and neutral.strip() == concept.strip():
+            raise ValueError(f"the neutral prompt is the concept itself ('{concept}'): give the concept prompt "
+                             "without the concept (e.g. 'a car' for 'a red car'), or leave neutral empty")
         sigma_range = _sigma_range(model, start_percent, end_percent)
-        cond = comfy.sampler_helpers.convert_cond(clip.encode_from_tokens_scheduled(clip.tokenize(concept)))
-        post_cfg = steering_post_cfg(cond, scale, mode, threshold, sigma_range, comfy.samplers.calc_cond_batch,
-                                     comfy.samplers.encode_model_conds)
+
+        def encode(text):
+            return comfy.sampler_helpers.convert_cond(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+        post_cfg = steering_post_cfg(encode(concept), scale, mode, threshold, sigma_range,
+                                     comfy.samplers.calc_cond_batch, comfy.samplers.encode_model_conds,
+                                     encode(neutral) if neutral.strip() else None)
         return io.NodeOutput(add_steering(model, post_cfg))
+
+
+LAYERS = ("proj_out", "cross_attention_kv")
+
+
+def _set_strength(hooks: KVResidualHooks, on: bool) -> None:
+    hooks.strength = float(on)
+
+
+def _set_plan(gate: ResidualGate, on: bool) -> None:
+    gate.plan = CallPlan(active=on)
 
 
 class _GuidedTrainer(comfy.samplers.Sampler):
     """Runs core.sliders.train_guided inside ComfyUI's guider (conditioning, wrappers and latent format are
     ComfyUI's own)."""
 
-    def __init__(self, gate, params, eta, config, progress, denoise_steps=0):
-        self.gate, self.params, self.eta, self.config, self.progress = gate, params, eta, config, progress
-        self.denoise_steps = denoise_steps
+    def __init__(self, switch, params, eta, config, progress, denoise_steps=0, sets=(S.PROMPTS,), preserve=()):
+        self.switch, self.params, self.eta, self.config, self.progress = switch, params, eta, config, progress
+        self.denoise_steps, self.sets, self.preserve = denoise_steps, sets, preserve
         self.losses = []
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         table = model_wrap.inner_model.model_sampling.sigmas.float().to(noise.device)
         alphas_cumprod = 1.0 / (1.0 + table ** 2)
-        predict = guided_predict(model_wrap, extra_args["model_options"], self.gate, table, alphas_cumprod,
+        predict = guided_predict(model_wrap, extra_args["model_options"], self.switch, table, alphas_cumprod,
                                  comfy.samplers.calc_cond_batch)
         self.losses = S.train_guided(self.params, predict, tuple(noise.shape[1:]), alphas_cumprod, self.eta, "x0",
-                                     self.config, self.progress, noise.device, self.denoise_steps)
+                                     self.config, self.progress, noise.device, self.denoise_steps, self.sets,
+                                     self.preserve)
         return latent_image
 
 
-def _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, batch_size, rank, resolution, seed,
-                            technique, save_name, overwrite, denoise_steps=0):
+def _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_size, rank, resolution, seed,
+                            technique, save_name, overwrite, denoise_steps=0, preserve=(), layers="proj_out"):
+    """``sets``: (neutral, plus, minus) prompt triples (text), one drawn per step; ``preserve``: prompts kept;
+    ``layers``: ``LAYERS`` (each transformer's proj_out, or every cross-attention K/V projection: ESD-x)."""
     path = lora_path(save_name) if save_name.strip() else None
     if path:
         check_free(path, overwrite)
     config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     family = model_family(model)
-    meta = S.slider_metadata(family, prompts, eta, config, technique)
-    meta.update(resolution=str(resolution), denoise_steps=str(denoise_steps))
+    meta = S.slider_metadata(family, sets, eta, config, technique, preserve)
+    meta.update(resolution=str(resolution), denoise_steps=str(denoise_steps), layers=layers)
     progress = step_progress(steps)
 
+    key = {text: f"prompt_{i}" for i, text in enumerate(S.sets_prompts(sets, preserve))}  # guider cond names
+    keyed_sets = [tuple(key[t] for t in triple) for triple in sets]
+    keyed_preserve = [key[t] for t in preserve]
     with torch.no_grad():
-        conds = {k: clip.encode_from_tokens_scheduled(clip.tokenize(v)) for k, v in prompts.items()}
+        conds = {k: clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text, k in key.items()}
     channels = model.get_model_object("latent_format").latent_channels
     with torch.inference_mode(False), torch.enable_grad():
         mp, device = training_patcher(model)
         sites = model_sites(mp)
-        rs = R.init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
-                              metadata=meta)
+        if layers == "cross_attention_kv":
+            modules = dict(cross_attention_projections(sites))
+            shapes = [(name, m.weight.shape[1], m.weight.shape[0]) for name, m in modules.items()]
+            rs = init_kv_residuals(shapes, rank, seed=seed, device=device, metadata=meta)
+            patch = KVResidualHooks(modules, rs)
+            switch = functools.partial(_set_strength, patch)
+        elif layers == "proj_out":
+            rs = R.init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
+                                  metadata=meta)
+            patch = ResidualGate(sites, rs)
+            switch = functools.partial(_set_plan, patch)
+        else:
+            raise ValueError(f"unknown layers {layers!r}; use one of {LAYERS}")
         latent = torch.zeros(batch_size, channels, resolution // 8, resolution // 8)
         guider = NamedCondGuider(mp)
         guider.set_prompts(conds)
-        with ResidualGate(sites, rs) as gate:
-            trainer = _GuidedTrainer(gate, rs.parameters(), eta, config, progress, denoise_steps)
+        with patch:
+            trainer = _GuidedTrainer(switch, rs.parameters(), eta, config, progress, denoise_steps, keyed_sets,
+                                     keyed_preserve)
             guider.sample(latent, latent, trainer, torch.zeros(2), seed=seed)
     rs = rs.detached()
     for layer in rs.layers.values():
@@ -345,12 +389,14 @@ class TrainConceptSlider(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base model (SD1.x or SDXL). It is not changed."),
                 io.Clip.Input("clip", tooltip="The text encoder for the three prompts."),
-                io.String.Input("positive", default="a photo of a red car",
-                                tooltip="The attribute turned up (strength > 0)."),
-                io.String.Input("negative", default="a photo of a blue car",
-                                tooltip="The attribute turned down; must differ from positive in one word."),
+                io.String.Input("positive", default="a photo of a red car", multiline=True,
+                                tooltip="The attribute turned up (strength > 0). Several pairs: one prompt per line "
+                                        "(the same attribute in other sentences), one pair drawn per step."),
+                io.String.Input("negative", default="a photo of a blue car", multiline=True,
+                                tooltip="The attribute turned down; each line must differ from the positive line of "
+                                        "the same number in one word."),
                 io.String.Input("neutral", default="",
-                                tooltip="The prompt the slider is trained on. Empty: the words both prompts share."),
+                                tooltip="The prompt the slider is trained on. Empty: the words each pair shares."),
                 *_training_inputs(),
             ],
             outputs=[
@@ -362,10 +408,8 @@ class TrainConceptSlider(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, positive, negative, neutral, eta, steps, learning_rate, batch_size, rank,
                 resolution, seed, save_name, overwrite, denoise_steps=0):
-        S.slider_words(positive, negative)
-        prompts = {"neutral": neutral.strip() or S.neutral_prompt(positive, negative), "plus": positive,
-                   "minus": negative}
-        rs, curve = _train_guided_residuals(model, clip, prompts, eta, steps, learning_rate, batch_size, rank,
+        sets = S.slider_sets(_lines(positive), _lines(negative), [neutral] if neutral.strip() else [])
+        rs, curve = _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_size, rank,
                                             resolution, seed, "concept_slider", save_name, overwrite,
                                             denoise_steps)
         return io.NodeOutput(rs, curve, ui=ui.PreviewImage(curve, cls=cls))
@@ -379,13 +423,32 @@ class TrainEsdEraser(io.ComfyNode):
             display_name="Erase Concept (ESD fine-tune)",
             category=ERASE,
             description="Trains low-rank residuals so the model's prediction for the concept follows the "
-                        "negatively guided target eps(c) - eta (eps(c) - eps('')) (ESD, Gandikota et al. 2023). "
-                        "Apply with Apply Residuals or Apply Slider (strength 1).",
+                        "negatively guided target eps(c) - eta (eps(c) - eps(anchor)) (ESD, Gandikota et al. 2023; "
+                        "anchor: the empty prompt unless given). Apply with Apply Residuals or Apply Slider "
+                        "(strength 1).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to erase from. It is not changed."),
                 io.Clip.Input("clip", tooltip="The text encoder for the concept prompt."),
-                io.String.Input("concept", default="a photo of a red car", tooltip="The concept to erase."),
+                io.String.Input("concept", default="a photo of a red car", multiline=True,
+                                tooltip="The concept to erase: a word, a phrase, or several prompts that hold it, "
+                                        "one per line (one drawn per step: the erasure then carries to other "
+                                        "sentences better than from one prompt)."),
                 *_training_inputs(default_steps=300, default_lr=2e-4, default_eta=1.0),
+                io.String.Input("preserve", default="", multiline=True, optional=True,
+                                tooltip="Prompts to keep as they are, one per line (e.g. the same sentences with "
+                                        "another colour). When given, every other step trains the residual to "
+                                        "leave one of them unchanged. Empty: plain ESD."),
+                io.String.Input("anchor", default="", multiline=True, optional=True,
+                                tooltip="What the concept prompts should turn into: one prompt for all, or one per "
+                                        "concept line (e.g. 'a photo of a car' for 'a photo of a red car': only "
+                                        "the concept goes, the rest of the prompt stays). Empty: the empty prompt, "
+                                        "as in the ESD paper."),
+                io.Combo.Input("layers", options=list(LAYERS), default="proj_out", optional=True,
+                               tooltip="proj_out: a residual on each transformer block's output (the pack's "
+                                       "residual layout). cross_attention_kv: on every cross-attention key and "
+                                       "value projection (ESD-x, the paper's choice for erasing a concept named in "
+                                       "prompts while leaving other prompts alone; the better eraser on our toy "
+                                       "benchmark)."),
             ],
             outputs=[
                 Residuals.Output(display_name="residuals", tooltip="The erasing residual set."),
@@ -395,10 +458,14 @@ class TrainEsdEraser(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, eta, steps, learning_rate, batch_size, rank, resolution, seed,
-                save_name, overwrite, denoise_steps=0):
-        rs, curve = _train_guided_residuals(model, clip, S.esd_prompts(concept), eta, steps, learning_rate,
-                                            batch_size, rank, resolution, seed, "esd", save_name, overwrite,
-                                            denoise_steps)
+                save_name, overwrite, denoise_steps=0, preserve="", anchor="", layers="proj_out"):
+        sets = S.esd_sets(_lines(concept), _lines(anchor))
+        kept = [p for p in _lines(preserve) if p not in {t[0] for t in sets}]
+        if len(kept) < len(_lines(preserve)):
+            log.warning("Erase Concept (ESD): preserve lines that are also concept lines were left out")
+        rs, curve = _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_size, rank,
+                                            resolution, seed, "esd", save_name, overwrite, denoise_steps, kept,
+                                            layers)
         return io.NodeOutput(rs, curve, ui=ui.PreviewImage(curve, cls=cls))
 
 
@@ -427,6 +494,9 @@ class ApplySlider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, slider, strength, start_percent):
-        checked_sites(model, slider)
+        if is_kv_set(slider):
+            check_kv_concept(slider, model, "the slider")
+        else:
+            checked_sites(model, slider)
         start_sigma = _sigma_range(model, start_percent, 1.0)[0] if start_percent > 0 else float("inf")
         return io.NodeOutput(apply_slider(model, slider_wrapper(slider, strength, start_sigma)))

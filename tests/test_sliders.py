@@ -67,11 +67,11 @@ def test_slider_learns_the_guided_direction_and_strength_zero_is_base(sd1_unet, 
 
 
 def test_esd_residual_follows_the_negatively_guided_target(sd1_unet, tokenizer, text_encoder):
-    prompts = S.esd_prompts("a photo of a red dog")
-    contexts = {k: encode_text(tokenizer, text_encoder, [v]) for k, v in prompts.items()}
+    (triple,) = S.esd_sets(["a photo of a red dog"])
+    assert triple == ("a photo of a red dog", "", "a photo of a red dog")
+    contexts = {k: encode_text(tokenizer, text_encoder, [v]) for k, v in zip(S.PROMPTS, triple, strict=True)}
     rs, _ = train(sd1_unet, contexts, eta=1.0)
     assert target_gap(sd1_unet, contexts, rs, 1.0) < 0.8
-    assert prompts == {"neutral": "a photo of a red dog", "plus": "", "minus": "a photo of a red dog"}
 
 
 def test_slider_prompt_pairs():
@@ -85,7 +85,7 @@ def test_slider_prompt_pairs():
     with pytest.raises(S.SliderPromptError, match="the same"):
         S.slider_words("an Old man", "an old  man")
     with pytest.raises(ValueError, match="concept to erase"):
-        S.esd_prompts("  ")
+        S.esd_sets(["  "])
 
 
 def test_ddim_trajectory_point_follows_the_deterministic_path_of_a_fixed_x0():
@@ -120,3 +120,44 @@ def test_training_on_the_trajectory_trains_at_its_states(sd1_unet, slider_contex
         losses = S.train_guided(rs.parameters(), predict, (4, 8, 8), AC, 2.0, config=cfg, denoise_steps=5)
     path = torch.linspace(AC.shape[0] - 1, 0, 6).round().long().tolist()
     assert len(losses) == 3 and all(t in path[:5] for t in seen)  # trained only at the path's timesteps
+
+
+def test_a_preserved_prompt_alone_leaves_the_residual_at_zero(sd1_unet, slider_contexts):
+    # the target of a preserved prompt p, eps(p) + eta (eps(p) - eps(p)), is the frozen prediction itself: from the
+    # zero-initialised residual the loss and every gradient are exactly zero, so training never moves it
+    rs = R.init_residuals([s for s, _ in unet_sites(sd1_unet)], fixed_rank=2, seed=0, init_scale=0.0)
+    cfg = training.TrainConfig(steps=3, batch_size=2, learning_rate=3e-3, seed=0)
+    with ResidualGate(unet_sites(sd1_unet), rs) as gate:
+        losses = S.train_guided(rs.parameters(), make_predict(sd1_unet, gate, slider_contexts), (4, 8, 8), AC, 2.0,
+                                config=cfg, sets=[("neutral", "neutral", "neutral")])
+    assert losses == [0.0, 0.0, 0.0]
+    assert all(torch.count_nonzero(layer.up) == 0 for layer in rs.layers.values())
+
+
+def test_draw_triple_picks_the_given_sets_and_preserves_half_the_steps():
+    sets = [("a", "", "a"), ("b", "", "b")]
+    gen = torch.Generator().manual_seed(0)
+    drawn = [S.draw_triple(gen, sets, ["p", "q"]) for _ in range(400)]
+    assert set(drawn) == {*sets, ("p", "p", "p"), ("q", "q", "q")}
+    assert 0.4 < sum(t[0] in "pq" for t in drawn) / len(drawn) < 0.6
+    untouched = torch.Generator().manual_seed(0)
+    assert S.draw_triple(untouched, sets[:1], []) == sets[0]
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state())  # one set: no draw
+
+
+def test_esd_and_slider_prompt_sets():
+    assert S.esd_sets(["a red car", "", "a red car", "a red bus"]) == [("a red car", "", "a red car"),
+                                                                      ("a red bus", "", "a red bus")]
+    assert S.esd_sets(["a red car", "a red bus"], ["a car", "a bus"])[1] == ("a red bus", "a bus", "a red bus")
+    assert S.esd_sets(["a red car", "a red bus"], ["a vehicle"])[1] == ("a red bus", "a vehicle", "a red bus")
+    with pytest.raises(ValueError, match="one per concept prompt"):
+        S.esd_sets(["a red car", "a red bus", "red"], ["a car", "a bus"])
+    pairs = S.slider_sets(["an old man", "an old cat"], ["an young man", "an young cat"])
+    assert pairs == [("an man", "an old man", "an young man"), ("an cat", "an old cat", "an young cat")]
+    with pytest.raises(S.SliderPromptError, match="as many positive"):
+        S.slider_sets(["an old man"], ["an young man", "an young cat"])
+    with pytest.raises(S.SliderPromptError, match="more than one word"):
+        S.slider_sets(["an old man", "an old cat"], ["an young man", "a young dog"])
+    assert S.sets_prompts([("a", "", "a"), ("b", "", "b")], ["c", "a"]) == ["a", "", "b", "c"]
+    meta = S.slider_metadata("sd1", [("a", "", "a"), ("b", "", "b")], 1.0, training.TrainConfig(), "esd", ["c"])
+    assert (meta["prompt_neutral"], meta["prompt_plus"]) == ("a", "") and "prompt_preserve" in meta

@@ -54,3 +54,16 @@ def test_unknown_mode_is_named():
     cond, uncond, concept, _ = preds()
     with pytest.raises(ValueError, match="negative"):
         steering_correction(cond, uncond, concept, 1.0, mode="sideways")
+
+
+def test_a_neutral_prediction_replaces_the_unconditional_one_in_the_direction():
+    gen = torch.Generator().manual_seed(3)
+    cond, uncond, concept, neutral = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(4))
+    for mode in MODES:
+        same = steering_correction(cond, uncond, concept, 2.0, 5.0, mode, 0.01, neutral=uncond)
+        assert torch.equal(same, steering_correction(cond, uncond, concept, 2.0, 5.0, mode, 0.01))
+    assert torch.allclose(steering_correction(cond, uncond, concept, 2.0, neutral=neutral), -2.0 * (concept - neutral))
+    # a concept prompt that adds nothing to its neutral prompt steers nowhere
+    for mode in MODES:
+        assert torch.equal(steering_correction(cond, uncond, concept, 2.0, 5.0, mode, 0.01, neutral=concept),
+                           torch.zeros_like(cond))

@@ -10,9 +10,12 @@ judge over sampling seeds ``EVAL_SEEDS``:
 - specificity: share of the other colours' prompts whose object has the asked colour, and its drop from the
   base model's (target: drop <= 0.02).
 Rows: the base model; the closed-form edit without / with RealEra neighbours; LEACE on the prompt's conditioning;
-steering during sampling (negative guidance, SLD); ESD-style residual fine-tuning (on each transformer's proj_out;
-on the model's own DDIM path; ESD-x: on the cross-attention keys and values only); a concept slider ("a red shape" /
-"a shape") applied at strength -1 and -2. With ``--attack``, also
+steering during sampling (negative guidance, SLD; from "a red shape", also relative to "a shape"); ESD-style residual
+fine-tuning (on each transformer's proj_out; on the model's own DDIM path; ESD-x: on the cross-attention keys and
+values only), on "a red shape" or on 16 caption-form prompts (``training_captions``: places and backgrounds the
+evaluation never uses), with preserved captions of the other colours or anchors (each caption without its colour
+word); a concept slider ("a red shape" / "a shape", or the 16 caption pairs) applied at strength -1 and -2. With
+``--attack``, also
 the concept-inversion attack: a new token learned on 4 red renders through each erased pipeline, and how often
 "a sks <shape> ..." prompts then draw red (``attack_red_rate``).
 """
@@ -79,7 +82,8 @@ def encode_word(tok, te):
 @torch.no_grad()
 def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
     """M.generate's DDIM CFG sampler with hooks: ``cond_fn`` transforms the prompt conditioning (LEACE);
-    ``steer = (concept conditioning, scale, mode, threshold)`` adds the steering correction in epsilon space."""
+    ``steer = (concept conditioning, scale, mode, threshold[, neutral conditioning])`` adds the steering correction
+    in epsilon space."""
     cond = D.encode_text(tok, te, prompts)
     if cond_fn is not None:
         cond = cond_fn(cond)
@@ -93,6 +97,8 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
     parts = [uncond.expand(b, -1, -1), cond]
     if steer is not None:
         parts.append(steer[0].expand(b, -1, -1))
+        if len(steer) > 4:
+            parts.append(steer[4].expand(b, -1, -1))
     context = torch.cat(parts)
     ac = sched.alphas_cumprod
     for t in sched.timesteps:
@@ -104,7 +110,8 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
         eps = [training.convert_prediction(o, "v", "eps", x, a) for o in out]
         guided = eps[0] + M.GUIDANCE * (eps[1] - eps[0])
         if steer is not None:
-            guided = guided + steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3])
+            guided = guided + steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3],
+                                                  eps[3] if len(steer) > 4 else None)
         v = training.convert_prediction(guided, "eps", "v", x, a)
         x = sched.step(v, t, x).prev_sample
     z = M.from_latents(x.float()) if c.in_channels != 3 else x.float()
@@ -188,10 +195,14 @@ def row_leace_per_position(unet, te, tok):
     return row_leace(unet, te, tok, per_position=True)
 
 
-def _steer(unet, te, tok, scale, mode, threshold):
-    concept = D.encode_text(tok, te, [ERASED])
-    note = f"{mode}, scale {scale:g}" + (f", threshold {threshold:g}" if mode == "sld" else "")
-    return Erased(unet, note, steer=(concept, scale, mode, threshold))
+def _steer(unet, te, tok, scale, mode, threshold, concept=ERASED, neutral=None):
+    steer = (D.encode_text(tok, te, [concept]), scale, mode, threshold)
+    if neutral is not None:
+        steer = (*steer, D.encode_text(tok, te, [neutral]))
+    note = (f"{mode}, scale {scale:g}" + (f", threshold {threshold:g}" if mode == "sld" else "")
+            + (f", concept '{concept}'" if concept != ERASED else "")
+            + (f", neutral '{neutral}'" if neutral is not None else ""))
+    return Erased(unet, note, steer=steer)
 
 
 def row_steer_negative(unet, te, tok):
@@ -202,45 +213,88 @@ def row_steer_sld(unet, te, tok):
     return _steer(unet, te, tok, 1000.0, "sld", 0.01)
 
 
+def row_steer_negative_shape(unet, te, tok):
+    return _steer(unet, te, tok, 3.0, "negative", 0.0, f"a {ERASED} shape")
+
+
+def row_steer_contrast(unet, te, tok):
+    """Steering along eps("a red shape") - eps("a shape") (the node's ``neutral`` input) instead of from eps_u."""
+    return _steer(unet, te, tok, 3.0, "negative", 0.0, f"a {ERASED} shape", "a shape")
+
+
 def row_esd(unet, te, tok, steps=200):
-    return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps)
+    return _guided_residuals(unet, te, tok, SL.esd_sets([f"a {ERASED} shape"]), steps)
 
 
 def row_esd_trajectory(unet, te, tok, steps=200):
     """ESD with x_t drawn on the frozen model's own DDIM path for the erased prompt (the paper's sampling)."""
-    return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps, M.SAMPLE_STEPS)
+    return _guided_residuals(unet, te, tok, SL.esd_sets([f"a {ERASED} shape"]), steps, M.SAMPLE_STEPS)
 
 
 def row_esd_x(unet, te, tok, steps=200):
     """ESD-x: the residuals on the cross-attention keys and values only (the ESD paper's variant for erasing one
     concept while leaving prompts without it alone)."""
-    return _guided_residuals(unet, te, tok, SL.esd_prompts(f"a {ERASED} shape"), steps, kv=True)
+    return _guided_residuals(unet, te, tok, SL.esd_sets([f"a {ERASED} shape"]), steps, kv=True)
+
+
+TRAIN_PLACES, TRAIN_BACKGROUNDS = ("on the left", "on the right"), ("white", "black")
+
+
+def training_captions(colour: str) -> list[str]:
+    """Captions with ``colour`` for training erasers: every base shape, places and backgrounds the evaluation
+    prompts never use (they are all "in the middle on a gray / sand background")."""
+    return [f"a {colour} {s} {p} on a {bg} background" for s in S.BASE_SHAPES for p in TRAIN_PLACES
+            for bg in TRAIN_BACKGROUNDS]
+
+
+def _captions_rows(kv: bool, preserve: bool, steps: int, eta: float = 1.0, lr: float = 3e-3, anchored=False):
+    """ESD on ``training_captions``; ``anchored``: each caption's anchor is itself without the colour word."""
+    def row(unet, te, tok):
+        kept = [c for colour in PRESERVE for c in training_captions(colour)] if preserve else []
+        captions = training_captions(ERASED)
+        anchors = [c.replace(f" {ERASED} ", " ") for c in captions] if anchored else []
+        return _guided_residuals(unet, te, tok, SL.esd_sets(captions, anchors), steps, kv=kv, preserve=kept,
+                                 eta=eta, lr=lr)
+    return row
 
 
 def row_slider(unet, te, tok, steps=200, strength=-1.0):
     """A concept slider "a red shape" / "a shape" (neutral: their shared words), turned down: ``strength`` < 0."""
     plus, minus = f"a {ERASED} shape", "a shape"
-    SL.slider_words(plus, minus)  # the pair differs in the attribute alone
-    prompts = {"neutral": SL.neutral_prompt(plus, minus), "plus": plus, "minus": minus}
     hit = _SLIDERS.get(steps)
     if hit is None or hit[0] is not unet:  # one training serves every strength of the same model
-        hit = _SLIDERS[steps] = (unet, _guided_residuals(unet, te, tok, prompts, steps))
+        hit = _SLIDERS[steps] = (unet, _guided_residuals(unet, te, tok, SL.slider_sets([plus], [minus]), steps))
     trained = hit[1]
     return dataclasses.replace(trained, strength=strength, note=f"strength {strength:g}, {trained.note}")
 
 
-_SLIDERS: dict[int, tuple[torch.nn.Module, Erased]] = {}  # steps -> (model, trained slider)
+_SLIDERS: dict = {}  # steps or (kind, steps, lr) -> (model, trained slider)
 
 
 def row_slider_strong(unet, te, tok):
     return row_slider(unet, te, tok, strength=-2.0)
 
 
-def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int, denoise_steps: int = 0,
-                      kv: bool = False) -> Erased:
-    """Residuals trained to follow core.sliders.guided_target for ``prompts`` (ESD and sliders alike); ``kv``: on
-    the cross-attention K/V projections, else on each transformer's proj_out."""
-    contexts = {k: D.encode_text(tok, te, [v]) for k, v in prompts.items()}
+def _slider_captions_row(strength: float, steps: int = 400, lr: float = 1e-2):
+    """A slider trained on ``training_captions`` pairs ("a red circle on the left ..." / "a circle on the left
+    ..."; neutral: the colourless caption), one pair per step, turned down to ``strength``."""
+    def row(unet, te, tok):
+        key = ("captions", steps, lr)
+        hit = _SLIDERS.get(key)
+        if hit is None or hit[0] is not unet:
+            plus = training_captions(ERASED)
+            sets = SL.slider_sets(plus, [c.replace(f" {ERASED} ", " ") for c in plus])
+            hit = _SLIDERS[key] = (unet, _guided_residuals(unet, te, tok, sets, steps, lr=lr))
+        trained = hit[1]
+        return dataclasses.replace(trained, strength=strength, note=f"strength {strength:g}, {trained.note}")
+    return row
+
+
+def _guided_residuals(unet, te, tok, sets: list[tuple[str, str, str]], steps: int, denoise_steps: int = 0,
+                      kv: bool = False, preserve: list[str] = (), eta: float = 1.0, lr: float = 3e-3) -> Erased:
+    """Residuals trained to follow core.sliders.guided_target for prompt triples ``sets`` (ESD and sliders alike),
+    keeping ``preserve``; ``kv``: on the cross-attention K/V projections, else on each transformer's proj_out."""
+    contexts = {text: D.encode_text(tok, te, [text]) for text in SL.sets_prompts(sets, preserve)}
     sites = D.unet_sites(unet)
     if kv:
         projections = E.cross_attention_projections(sites)
@@ -251,7 +305,7 @@ def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int, denois
         rs = R.init_residuals([s for s, _ in sites], fixed_rank=4, seed=0, init_scale=0.0)
         patch = ResidualGate(sites, rs)
         switch = lambda on: setattr(patch, "plan", CallPlan(active=on))  # noqa: E731
-    cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=3e-3, seed=0)
+    cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=0)
     unet.requires_grad_(False)
     c = unet.config
 
@@ -262,9 +316,13 @@ def _guided_residuals(unet, te, tok, prompts: dict[str, str], steps: int, denois
     t0 = time.time()
     with patch:
         losses = SL.train_guided(rs.parameters(), predict, (c.in_channels, c.sample_size, c.sample_size),
-                                 M.train_alphas_cumprod(), 1.0, "v", cfg, denoise_steps=denoise_steps)
+                                 M.train_alphas_cumprod(), eta, "v", cfg, denoise_steps=denoise_steps, sets=sets,
+                                 preserve=preserve)
     return Erased(unet, f"{'K/V' if kv else 'proj_out'} {rs.parameter_count()} params, {steps} steps in "
                         f"{time.time() - t0:.0f} s, "
+                        + (f"{len(sets)} prompts, " if len(sets) > 1 else "")
+                        + (f"{len(preserve)} preserved, " if preserve else "")
+                        + (f"eta {eta:g}, " if eta != 1.0 else "") + (f"lr {lr:g}, " if lr != 3e-3 else "")
                         + (f"x_t on {denoise_steps}-step DDIM paths, " if denoise_steps else "")
                         + f"loss {losses[0]:.4f}->{losses[-1]:.4f}", residuals=rs.detached(), kv=kv)
 
@@ -318,16 +376,22 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "uce_strong_preserve": row_uce_strong_preserve, "uce_word_rows": row_uce_word_rows,
                              "leace": row_leace,
                              "leace_per_position": row_leace_per_position, "steer_negative": row_steer_negative,
-                             "steer_sld": row_steer_sld, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
+                             "steer_sld": row_steer_sld, "steer_negative_shape": row_steer_negative_shape,
+                             "steer_contrast": row_steer_contrast, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
                              "esd_x": row_esd_x,
+                             "esd_captions_preserve": _captions_rows(False, True, 800, eta=3.0, lr=1e-2),
+                             "esd_x_captions": _captions_rows(True, False, 400, lr=1e-2),
+                             "esd_x_captions_anchor": _captions_rows(True, False, 400, lr=1e-2, anchored=True),
                              "slider": row_slider,
-                             "slider_strong": row_slider_strong}
+                             "slider_strong": row_slider_strong,
+                             "slider_captions": _slider_captions_row(-1.0),
+                             "slider_captions_strong": _slider_captions_row(-2.0)}
 
 
-def measure(e: Erased, te, tok, judge, prompts) -> dict[str, float]:
+def measure(e: Erased, te, tok, judge, prompts, seeds=EVAL_SEEDS) -> dict[str, float]:
     texts = [p for p, _, _ in prompts]
     hits = {"erased": [], "synonym": [], "other": []}
-    for seed in EVAL_SEEDS:
+    for seed in seeds:
         for reading, (_, colour, word) in zip(J.read(judge, sample(e, te, tok, texts, seed)), prompts,
                                                strict=True):
             read = reading.objects[0].colour if len(reading.objects) == 1 else None
@@ -341,7 +405,7 @@ def measure(e: Erased, te, tok, judge, prompts) -> dict[str, float]:
             "other_colour_adherence": float(np.mean(hits["other"])), "samples": sum(len(v) for v in hits.values())}
 
 
-def run(weights: str, judge_path: str, rows: list[str], attack: bool = False) -> dict:
+def run(weights: str, judge_path: str, rows: list[str], attack: bool = False, seeds=EVAL_SEEDS) -> dict:
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
     prompts = eval_prompts()
@@ -349,7 +413,7 @@ def run(weights: str, judge_path: str, rows: list[str], attack: bool = False) ->
     for name in rows:
         t0 = time.time()
         erased = ROWS[name](unet, te, tok)
-        results[name] = dict(measure(erased, te, tok, judge, prompts), note=erased.note)
+        results[name] = dict(measure(erased, te, tok, judge, prompts, seeds), note=erased.note)
         if attack:
             results[name]["attack_red_rate"] = attack_rate(erased, te, tok, judge)
         results[name]["row_seconds"] = round(time.time() - t0, 1)
@@ -357,7 +421,7 @@ def run(weights: str, judge_path: str, rows: list[str], attack: bool = False) ->
     if "none" in results:
         for r in results.values():
             r["specificity_drop"] = results["none"]["other_colour_adherence"] - r["other_colour_adherence"]
-    return {"erased": ERASED, "synonym": SYNONYM, "preserve": PRESERVE, "eval_sample_seeds": list(EVAL_SEEDS),
+    return {"erased": ERASED, "synonym": SYNONYM, "preserve": PRESERVE, "eval_sample_seeds": list(seeds),
             "eval_prompts": [p for p, _, _ in prompts], "weights_sha256": M.sha256(weights), "rows": results}
 
 
@@ -379,11 +443,14 @@ def main(argv=None):
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--attack", action="store_true", help="also run the concept-inversion attack on each row")
+    ap.add_argument("--seeds", default=",".join(map(str, EVAL_SEEDS)),
+                    help="sampling seeds of the evaluation (others than the default: a confirmation run)")
     ap.add_argument("--json", default=os.path.join(M.HERE, "results", "toyworld_erase.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    res = run(args.weights, args.judge, [r for r in args.rows.split(",") if r], args.attack)
+    res = run(args.weights, args.judge, [r for r in args.rows.split(",") if r], args.attack,
+              tuple(int(x) for x in args.seeds.split(",")))
     print(table(res))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -5,18 +5,20 @@ functions (the LoRA loader, calc_cond_batch) where one is needed.
   ComfyUI's own loader (``apply_global``, what LoraLoader does with the saved file), on a clone;
 - steering: a ``sampler_post_cfg_function`` (a list ComfyUI chains, so other CFG patches keep working) that runs
   one more prediction for the concept prompt;
-- sliders: the residual gate installed for each UNet call by a DIFFUSION_MODEL wrapper, off before the start step.
+- sliders: the residual gate installed for each UNet call by a DIFFUSION_MODEL wrapper, off before the start step;
+  a K/V residual set (ESD-x) is added by forward hooks on the cross-attention K/V projections for that call.
 """
 from __future__ import annotations
 
 import torch
 
-from ..erase import cross_attention_projections
+from ..erase import KV_SUFFIXES, cross_attention_projections
 from ..layouts import find_sites
 from ..localize import CallPlan, ResidualGate
 from ..residuals import ResidualSet
 from ..steering import steer_denoised
 from .comfy import DIFFUSION_MODEL, prompt_token_ids
+from .comfy_compose import KVResidualHooks
 
 SLIDER_WRAPPER_KEY = "comfyui-concepts-slider"
 
@@ -41,10 +43,10 @@ def kv_weights(model_patcher) -> list[tuple[str, torch.Tensor]]:
 
 
 def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: float, sigma_range, calc_cond_batch,
-                      encode_model_conds):
+                      encode_model_conds, neutral_cond=None):
     """A ``sampler_post_cfg_function`` steering the guided result away from ``concept_cond`` (converted ComfyUI
     conditioning) between ``sigma_range`` = (start sigma, end sigma); outside it, and at scale 0, the result is
-    passed through untouched."""
+    passed through untouched. ``neutral_cond``: the direction is concept - neutral instead of concept - uncond."""
     start, end = sigma_range
 
     def post_cfg(args):
@@ -57,10 +59,11 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
         if not end <= s <= start:
             return denoised
         x, model = args["input"], args["model"]
-        concept = encode_model_conds(model.extra_conds, concept_cond, x, x.device, "negative")
-        (concept_denoised,) = calc_cond_batch(model, [concept], x, sigma, args["model_options"])
+        conds = [encode_model_conds(model.extra_conds, c, x, x.device, "negative")
+                 for c in (concept_cond, neutral_cond) if c is not None]
+        concept_denoised, *neutral = calc_cond_batch(model, conds, x, sigma, args["model_options"])
         return steer_denoised(denoised, x, sigma, args["cond_denoised"], uncond, concept_denoised, scale,
-                              args["cond_scale"], cfg_mode, threshold)
+                              args["cond_scale"], cfg_mode, threshold, neutral[0] if neutral else None)
     return post_cfg
 
 
@@ -76,6 +79,7 @@ def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
     (the sliders paper's delayed start) and the base model before."""
     placed: dict = {}
     constants: dict = {}
+    kv = is_kv_set(rs)
 
     def on_device(device):
         if device not in placed:
@@ -89,11 +93,20 @@ def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
             active = float(transformer_options["sigmas"].max()) <= start_sigma
         if not active or strength == 0.0:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        gate = ResidualGate(find_sites(executor.class_obj), on_device(x.device), strength, cache=constants)
-        gate.plan = CallPlan(active=True)
-        with gate:
+        sites = find_sites(executor.class_obj)
+        if kv:
+            patch = KVResidualHooks(dict(cross_attention_projections(sites)), on_device(x.device), strength)
+        else:
+            patch = ResidualGate(sites, on_device(x.device), strength, cache=constants)
+            patch.plan = CallPlan(active=True)
+        with patch:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     return wrapper
+
+
+def is_kv_set(rs: ResidualSet) -> bool:
+    """Whether ``rs`` holds cross-attention K/V residuals (ESD-x, Custom Diffusion) rather than proj_out ones."""
+    return bool(rs.layers) and all(path.endswith(KV_SUFFIXES) for path in rs.layers)
 
 
 def apply_slider(model_patcher, wrapper):
@@ -102,13 +115,14 @@ def apply_slider(model_patcher, wrapper):
     return m
 
 
-def guided_predict(guider, model_options, gate: ResidualGate, sigma_table: torch.Tensor,
-                   alphas_cumprod: torch.Tensor, calc_cond_batch):
+def guided_predict(guider, model_options, switch, sigma_table: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   calc_cond_batch):
     """``predict(x_t, t, prompt, residual)`` for core.sliders.train_guided inside a ComfyUI guider whose conds are
-    the slider's prompts; returns ComfyUI's denoised x0 (prediction kind ``x0``)."""
+    the slider's prompts; ``switch(on)`` turns the trained residual on or off; returns ComfyUI's denoised x0
+    (prediction kind ``x0``)."""
 
     def predict(x_t, t, prompt, residual):
-        gate.plan = CallPlan(active=residual)
+        switch(residual)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         (x0,) = calc_cond_batch(guider.inner_model, [guider.conds[prompt]], x_t / a.sqrt(), sigma_table[t],
                                 model_options)

@@ -98,6 +98,56 @@ def test_esd_on_its_own_ddim_path_trains_on_other_states_than_the_default(comfy_
     assert not latent_of(comfy_server, path).equal(lat_default)
 
 
+def test_esd_prompt_sets_and_kv_layers(comfy_server):
+    # a prompt from before preserve / anchor / layers (one concept line) trains what the same inputs given empty
+    # and proj_out train; the shipped workflow (several prompts, anchors, preserve, K/V layers: ESD-x) erases on
+    # the K/V projections: strength 0 is the base model exactly, and its saved file through the stock
+    # LoraLoaderModelOnly samples what Apply Slider (from step 0) samples, to rounding
+    single = {"concept": "a photo of a red car", "steps": 4}
+    old = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd=single), "esd_old")
+    for key in ("preserve", "anchor", "layers"):
+        del old[node_id(old, "ConceptsTrainEsd")]["inputs"][key]
+    explicit = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd=dict(
+        single, preserve="", anchor="", layers="proj_out")), "esd_explicit")
+    assert latent_of(comfy_server, old).equal(latent_of(comfy_server, explicit))
+
+    name = "tests/esd_x_red"
+    kv = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd={
+        "steps": 6, "learning_rate": 0.01, "save_name": name, "overwrite": True}), "esd_kv")
+    kv_zero = with_save_latent(workflow_prompt("erase_esd", SD15, ConceptsTrainEsd={"steps": 6},
+                                               ConceptsApplySlider={"strength": 0.0}), "esd_kv0")
+    base = with_save_latent(workflow_prompt("erase_esd", SD15), "esd_base")
+    base[node_id(base, "KSampler")]["inputs"]["model"] = ["1", 0]
+    for kind in ("ConceptsApplySlider", "ConceptsTrainEsd"):
+        del base[node_id(base, kind)]
+    stock = with_save_latent(workflow_prompt("erase_esd", SD15), "esd_stock")
+    del stock[node_id(stock, "ConceptsTrainEsd")]
+    stock[node_id(stock, "ConceptsApplySlider")] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": f"{name}.safetensors", "strength_model": 1.0}}
+    lat_kv, lat_base = latent_of(comfy_server, kv), latent_of(comfy_server, base)
+    assert not lat_kv.equal(lat_base)
+    assert latent_of(comfy_server, kv_zero).equal(lat_base)
+    lat_stock = latent_of(comfy_server, stock)
+    assert (lat_stock - lat_kv).abs().max() < 1e-2 * lat_kv.abs().max()
+    assert (lat_stock - lat_kv).abs().max() < 0.1 * (lat_kv - lat_base).abs().max()
+
+
+def test_steering_from_a_neutral_prompt(comfy_server):
+    # neutral given: the direction is concept - neutral (one more prediction); a neutral prompt equal to the
+    # concept is refused; a prompt from before the input steers as with neutral empty
+    base = stock_t2i_prompt(SD15, seed=5, prefix="steer_n_base", positive="a photo of a red car")
+    old = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0))
+    empty = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, neutral=""))
+    neutral = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car", neutral="a car"))
+    for p, tag in ((old, "old"), (empty, "empty"), (neutral, "neutral")):
+        p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/steer_n_{tag}"
+    lat_old = latent_of(comfy_server, old)
+    assert latent_of(comfy_server, empty).equal(lat_old)
+    assert not latent_of(comfy_server, neutral).equal(lat_old)
+    same = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car", neutral="a red car"))
+    assert "the neutral prompt is the concept itself" in comfy_server.run_expect_error(same)
+
+
 def test_bad_inputs_stop_with_clear_messages(comfy_server):
     two_words = workflow_prompt("train_slider", SD15, ConceptsTrainSlider={
         "positive": "an old man", "negative": "a young woman"})
