@@ -360,7 +360,8 @@ def attack_rate(e: Erased, te, tok, judge, steps: int = 300, lr: float = 5e-3) -
 
     patch = contextlib.nullcontext()
     if e.residuals is not None:
-        patch = _kv_hooks(e) if e.kv else ResidualGate(D.unet_sites(e.unet), e.residuals)
+        # the erased pipeline as it samples: a slider at its (negative) strength
+        patch = _kv_hooks(e) if e.kv else ResidualGate(D.unet_sites(e.unet), e.residuals, e.strength)
     with inversion:
         with patch:
             training.train([inversion.vec], predict, latents, torch.zeros(1, 1, 1), M.train_alphas_cumprod(), "v",
@@ -426,10 +427,10 @@ def run(weights: str, judge_path: str, rows: list[str], attack: bool = False, se
 
 
 def table(res: dict) -> str:
-    head = f"{'row':<20} {'red rate':>8} {'crimson':>8} {'others ok':>9} {'drop':>6} {'attack':>6}  note"
+    head = f"{'row':<24} {'red rate':>8} {'crimson':>8} {'others ok':>9} {'drop':>6} {'attack':>6}  note"
     lines = [head, "-" * len(head)]
     for name, r in res["rows"].items():
-        lines.append(f"{name:<20} {r['efficacy_red_rate']:>8.3f} {r['synonym_red_rate']:>8.3f} "
+        lines.append(f"{name:<24} {r['efficacy_red_rate']:>8.3f} {r['synonym_red_rate']:>8.3f} "
                      f"{r['other_colour_adherence']:>9.3f} {r.get('specificity_drop', float('nan')):>6.3f} "
                      f"{r.get('attack_red_rate', float('nan')):>6.3f}  "
                      f"{r['note']}")
