@@ -172,7 +172,10 @@ def slider_sets(positives: Sequence[str], negatives: Sequence[str], neutrals: Se
                                 f"{len(positives)} pairs)")
     out = []
     for i, (plus, minus) in enumerate(zip(positives, negatives, strict=True)):
-        slider_words(plus, minus)
+        try:
+            slider_words(plus, minus)
+        except SliderPromptError as e:
+            raise (SliderPromptError(f"pair {i + 1}: {e}") if len(positives) > 1 else e) from None
         given = (neutrals[i] if len(neutrals) > 1 else neutrals[0]).strip() if neutrals else ""
         out.append((given or neutral_prompt(plus, minus), plus, minus))
     return out
