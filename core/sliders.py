@@ -10,9 +10,10 @@ trainer serves both. Several prompt triples may be given (one is drawn per step:
 sentences, so the edit is not tied to one wording), and preserved prompts (neutral = plus = minus, whose target is
 the frozen model's own prediction), drawn on every other step when given, keep what the residual must not change.
 
-The residual is the pack's low-rank ``proj_out`` residual set (core.residuals), applied
-globally by ``ResidualGate``: a slider at strength s adds s * Delta W, so strength 0 is the base model exactly
-and a negative strength turns the attribute down.
+The trainer is blind to where the residual sits (``predict`` switches it): the nodes use the pack's low-rank
+``proj_out`` residual set (core.residuals, applied globally by ``ResidualGate``) or, for ESD-x, low-rank residuals
+on the cross-attention K/V projections. A slider at strength s adds s * Delta W, so strength 0 is the base model
+exactly and a negative strength turns the attribute down.
 
 Samples x_t, with no images: by default each step draws pure noise, takes the frozen model's x0 estimate for the
 neutral prompt and noises it again to a random timestep (one evaluation, but a blurry x0). With
