@@ -16,14 +16,13 @@ from ..core import erase as E
 from ..core import leace, training
 from ..core import residuals as R
 from ..core import sliders as S
-from ..core.erase import cross_attention_projections
-from ..core.localize import CallPlan, ResidualGate
 from ..core.patching.comfy import apply_global, model_family, model_sites
-from ..core.patching.comfy_compose import KVResidualHooks, init_kv_residuals
 from ..core.patching.comfy_erase import (
+    GUIDED_LAYERS,
     add_steering,
     apply_slider,
     guided_predict,
+    guided_residuals,
     is_kv_set,
     kv_weights,
     slider_wrapper,
@@ -267,17 +266,6 @@ class SteerAwayFromConcept(io.ComfyNode):
         return io.NodeOutput(add_steering(model, post_cfg))
 
 
-LAYERS = ("proj_out", "cross_attention_kv")
-
-
-def _set_strength(hooks: KVResidualHooks, on: bool) -> None:
-    hooks.strength = float(on)
-
-
-def _set_plan(gate: ResidualGate, on: bool) -> None:
-    gate.plan = CallPlan(active=on)
-
-
 class _GuidedTrainer(comfy.samplers.Sampler):
     """Runs core.sliders.train_guided inside ComfyUI's guider (conditioning, wrappers and latent format are
     ComfyUI's own)."""
@@ -302,7 +290,7 @@ class _GuidedTrainer(comfy.samplers.Sampler):
 def _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_size, rank, resolution, seed,
                             technique, save_name, overwrite, denoise_steps=0, preserve=(), layers="proj_out"):
     """``sets``: (neutral, plus, minus) prompt triples (text), one drawn per step; ``preserve``: prompts kept;
-    ``layers``: ``LAYERS`` (each transformer's proj_out, or every cross-attention K/V projection: ESD-x)."""
+    ``layers``: ``GUIDED_LAYERS`` (each transformer's proj_out, or every cross-attention K/V projection: ESD-x)."""
     path = lora_path(save_name) if save_name.strip() else None
     if path:
         check_free(path, overwrite)
@@ -321,19 +309,7 @@ def _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_
     with torch.inference_mode(False), torch.enable_grad():
         mp, device = training_patcher(model)
         sites = model_sites(mp)
-        if layers == "cross_attention_kv":
-            modules = dict(cross_attention_projections(sites))
-            shapes = [(name, m.weight.shape[1], m.weight.shape[0]) for name, m in modules.items()]
-            rs = init_kv_residuals(shapes, rank, seed=seed, device=device, metadata=meta)
-            patch = KVResidualHooks(modules, rs)
-            switch = functools.partial(_set_strength, patch)
-        elif layers == "proj_out":
-            rs = R.init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
-                                  metadata=meta)
-            patch = ResidualGate(sites, rs)
-            switch = functools.partial(_set_plan, patch)
-        else:
-            raise ValueError(f"unknown layers {layers!r}; use one of {LAYERS}")
+        rs, patch, switch = guided_residuals(sites, layers, rank, seed, device, meta)
         latent = torch.zeros(batch_size, channels, resolution // 8, resolution // 8)
         guider = NamedCondGuider(mp)
         guider.set_prompts(conds)
@@ -443,7 +419,7 @@ class TrainEsdEraser(io.ComfyNode):
                                         "concept line (e.g. 'a photo of a car' for 'a photo of a red car': only "
                                         "the concept goes, the rest of the prompt stays). Empty: the empty prompt, "
                                         "as in the ESD paper."),
-                io.Combo.Input("layers", options=list(LAYERS), default="proj_out", optional=True,
+                io.Combo.Input("layers", options=list(GUIDED_LAYERS), default="proj_out", optional=True,
                                tooltip="proj_out: a residual on each transformer block's output (the pack's "
                                        "residual layout). cross_attention_kv: on every cross-attention key and "
                                        "value projection (ESD-x, the paper's choice for erasing a concept named in "

@@ -42,7 +42,8 @@ from core import sliders as SL
 from core import training
 from core.localize import CallPlan, ResidualGate
 from core.patching import diffusers as D
-from core.patching.comfy_compose import KVResidualHooks, init_kv_residuals
+from core.patching.comfy_compose import KVResidualHooks
+from core.patching.comfy_erase import guided_residuals
 from core.steering import steering_correction
 
 from . import judge as J
@@ -295,16 +296,7 @@ def _guided_residuals(unet, te, tok, sets: list[tuple[str, str, str]], steps: in
     """Residuals trained to follow core.sliders.guided_target for prompt triples ``sets`` (ESD and sliders alike),
     keeping ``preserve``; ``kv``: on the cross-attention K/V projections, else on each transformer's proj_out."""
     contexts = {text: D.encode_text(tok, te, [text]) for text in SL.sets_prompts(sets, preserve)}
-    sites = D.unet_sites(unet)
-    if kv:
-        projections = E.cross_attention_projections(sites)
-        rs = init_kv_residuals([(n, m.in_features, m.out_features) for n, m in projections], 4, seed=0)
-        patch = KVResidualHooks(dict(projections), rs)
-        switch = lambda on: setattr(patch, "strength", float(on))  # noqa: E731
-    else:
-        rs = R.init_residuals([s for s, _ in sites], fixed_rank=4, seed=0, init_scale=0.0)
-        patch = ResidualGate(sites, rs)
-        switch = lambda on: setattr(patch, "plan", CallPlan(active=on))  # noqa: E731
+    rs, patch, switch = guided_residuals(D.unet_sites(unet), "cross_attention_kv" if kv else "proj_out", 4)
     cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=0)
     unet.requires_grad_(False)
     c = unet.config

@@ -10,15 +10,17 @@ functions (the LoRA loader, calc_cond_batch) where one is needed.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..erase import KV_SUFFIXES, cross_attention_projections
 from ..layouts import find_sites
 from ..localize import CallPlan, ResidualGate
-from ..residuals import ResidualSet
+from ..residuals import ResidualSet, init_residuals
 from ..steering import steer_denoised
 from .comfy import DIFFUSION_MODEL, prompt_token_ids
-from .comfy_compose import KVResidualHooks
+from .comfy_compose import KVResidualHooks, init_kv_residuals
 
 SLIDER_WRAPPER_KEY = "comfyui-concepts-slider"
 
@@ -102,6 +104,35 @@ def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
         with patch:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     return wrapper
+
+
+GUIDED_LAYERS = ("proj_out", "cross_attention_kv")
+
+
+def guided_residuals(sites, layers: str, rank: int, seed: int = 0, device="cpu", metadata: dict | None = None):
+    """(residual set, patch, ``switch(on)``) for training a slider / ESD on ``sites`` (ComfyUI's or diffusers'):
+    ``proj_out`` (each transformer's output, applied by ``ResidualGate``) or ``cross_attention_kv`` (every attn2
+    K/V projection, ESD-x, applied by ``KVResidualHooks``). Both start at zero; the patch is entered by the caller."""
+    if layers == "cross_attention_kv":
+        modules = dict(cross_attention_projections(sites))
+        shapes = [(name, m.weight.shape[1], m.weight.shape[0]) for name, m in modules.items()]
+        rs = init_kv_residuals(shapes, rank, seed=seed, device=device, metadata=metadata)
+        hooks = KVResidualHooks(modules, rs)
+        return rs, hooks, functools.partial(_set_strength, hooks)
+    if layers == "proj_out":
+        rs = init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
+                            metadata=metadata)
+        gate = ResidualGate(sites, rs)
+        return rs, gate, functools.partial(_set_plan, gate)
+    raise ValueError(f"unknown layers {layers!r}; use one of {GUIDED_LAYERS}")
+
+
+def _set_strength(hooks: KVResidualHooks, on: bool) -> None:
+    hooks.strength = float(on)
+
+
+def _set_plan(gate: ResidualGate, on: bool) -> None:
+    gate.plan = CallPlan(active=on)
 
 
 def is_kv_set(rs: ResidualSet) -> bool:
