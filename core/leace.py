@@ -6,7 +6,11 @@ W = (Sigma_XX^{1/2})^+ and P the orthogonal projection onto the column space of 
     r(x) = x - W^+ P W (x - mu)
 
 makes the cross-covariance of r(X) with Z exactly zero (so no linear probe beats a constant predictor) while
-moving X as little as possible in the mean-squared (Mahalanobis) sense. Text conditioning [B, L, D] is erased
+moving X as little as possible in the mean-squared (Mahalanobis) sense. The cross-covariance does not depend on
+where the projection is centred: r(x) = x - W^+ P W (x - b) erases as perfectly for any b. LEACE takes b = the
+mean of all X (least movement); b = the mean of the examples without the concept (``centre="neutral"``) leaves
+their mean exactly in place and moves the concept examples' mean onto it, all the way to "without the concept"
+instead of part of the way (the concept examples' share of the mean). Text conditioning [B, L, D] is erased
 row by row with one eraser fitted on the rows of every token position pooled (a concept word changes its own
 row and, through the causal text encoder, every later row).
 """
@@ -62,8 +66,14 @@ def as_labels(z: torch.Tensor) -> torch.Tensor:
     return (z[:, None] if z.dim() == 1 else z).double()
 
 
-def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8) -> LeaceEraser:
-    """Fit the LEACE eraser (Belrose et al. 2023, Thm. 4.3) to features ``x`` [n, d] and labels ``z`` [n] / [n, k]."""
+CENTRES = ("mean", "neutral")
+
+
+def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8, centre: str = "mean") -> LeaceEraser:
+    """Fit the LEACE eraser (Belrose et al. 2023, Thm. 4.3) to features ``x`` [n, d] and labels ``z`` [n] / [n, k];
+    ``centre`` "neutral": centred on the mean of the rows whose labels are all zero (see the module docstring)."""
+    if centre not in CENTRES:
+        raise ValueError(f"unknown centre {centre!r}; use one of {CENTRES}")
     if x.shape[0] != z.shape[0]:
         raise ValueError(f"{x.shape[0]} feature rows but {z.shape[0]} labels")
     if x.shape[0] < 2:
@@ -73,6 +83,11 @@ def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8) -> LeaceEras
         raise ValueError("every example has the same concept label: give examples with and without the concept")
     mu = xd.mean(0)
     xc, zc = xd - mu, zd - zd.mean(0)
+    if centre == "neutral":
+        without = (zd == 0).all(1)
+        if not without.any():
+            raise ValueError("centre 'neutral' needs examples without the concept (labels all zero)")
+        mu = xd[without].mean(0)
     n = xd.shape[0]
     sigma = xc.T @ xc / (n - 1)
     cross = xc.T @ zc / (n - 1)  # [d, k]
@@ -98,20 +113,21 @@ def conditioning_rows(cond: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return cond.reshape(b * length, -1), z.repeat_interleave(length, 0)
 
 
-def fit_on_conditioning(concept: torch.Tensor, neutral: torch.Tensor, per_position: bool = False) -> LeaceEraser:
+def fit_on_conditioning(concept: torch.Tensor, neutral: torch.Tensor, per_position: bool = False,
+                        centre: str = "mean") -> LeaceEraser:
     """An eraser from encodings of prompts with the concept [B1, L, D] and without it [B2, L, D].
 
     Pooled (default): one eraser for the rows of every position, for prompts of any wording. ``per_position``:
     one eraser per token position, much stronger when the prompts to erase follow the fitting prompts' template
-    (the same words at the same positions), meaningless otherwise.
+    (the same words at the same positions), meaningless otherwise. ``centre``: see ``fit_leace``.
     """
     if concept.shape[1:] != neutral.shape[1:]:
         raise ValueError("the prompts with and without the concept must be encoded to the same shape")
     cond = torch.cat([concept, neutral])
     labels = torch.cat([torch.ones(concept.shape[0]), torch.zeros(neutral.shape[0])])
     if not per_position:
-        return fit_leace(*conditioning_rows(cond, labels))
-    erasers = [fit_leace(cond[:, i], labels) for i in range(cond.shape[1])]
+        return fit_leace(*conditioning_rows(cond, labels), centre=centre)
+    erasers = [fit_leace(cond[:, i], labels, centre=centre) for i in range(cond.shape[1])]
     return LeaceEraser(torch.stack([e.mean for e in erasers]), torch.stack([e.projection for e in erasers]))
 
 

@@ -189,12 +189,17 @@ class EraseFromConditioning(io.ComfyNode):
                                  tooltip="Off: one eraser for every token row, for prompts of any wording. On: one "
                                          "eraser per token position, much stronger when the prompt follows the "
                                          "fitting prompts' template (same words at the same places)."),
+                io.Combo.Input("centre", options=["neutral", "mean"], default="neutral", optional=True,
+                               tooltip="neutral: the concept prompts' encodings are moved all the way to the "
+                                       "neutral prompts' average, which stays exactly in place (stronger). mean: "
+                                       "plain LEACE, both moved to the average of all (least change). Both leave "
+                                       "no linear signal. Prompts saved before this input existed use mean."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The erased conditioning.")],
         )
 
     @classmethod
-    def execute(cls, conditioning, clip, concept_prompts, neutral_prompts, strength, per_position):
+    def execute(cls, conditioning, clip, concept_prompts, neutral_prompts, strength, per_position, centre="mean"):
         with_concept, without = _lines(concept_prompts), _lines(neutral_prompts)
         if not with_concept or not without:
             raise ValueError("give at least one prompt with the concept and one without it, one per line")
@@ -202,13 +207,13 @@ class EraseFromConditioning(io.ComfyNode):
         def encode(prompts):
             with torch.no_grad():
                 return torch.cat([clip.encode_from_tokens(clip.tokenize(p))[:, :77].float().cpu() for p in prompts])
-        eraser = leace.fit_on_conditioning(encode(with_concept), encode(without), per_position)
+        eraser = leace.fit_on_conditioning(encode(with_concept), encode(without), per_position, centre)
         out = []
         for cond, extra in conditioning:
             erased = eraser(cond)
             out.append([torch.lerp(cond, erased, strength) if strength != 1.0 else erased, dict(extra)])
-        log.info("LEACE eraser (%s) of rank %d fitted on %d + %d prompts",
-                 "per position" if per_position else "pooled", eraser.rank, len(with_concept), len(without))
+        log.info("LEACE eraser (%s, centred on the %s) of rank %d fitted on %d + %d prompts",
+                 "per position" if per_position else "pooled", centre, eraser.rank, len(with_concept), len(without))
         return io.NodeOutput(out)
 
 

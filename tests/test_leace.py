@@ -99,3 +99,25 @@ def test_per_position_eraser_zeroes_the_cross_covariance_at_every_position():
         assert cross.abs().max() < 1e-6 * cond.abs().max(), i  # the eraser is stored in float32
     assert torch.equal(erased[:, 0], torch.full_like(erased[:, 0], 1.5))
     assert eraser(torch.zeros(2, length + 2, d))[:, length:].abs().max() == 0  # rows past the fit are untouched
+
+
+def test_neutral_centre_keeps_the_neutral_mean_and_moves_the_concept_mean_onto_it():
+    """r(x) = x - P (x - mean of the concept-free rows): still no linear signal (the cross-covariance ignores the
+    centre), the concept-free rows' mean stays where it was, and the concept rows' mean lands on it, whereas plain
+    LEACE leaves both class means at the overall mean."""
+    x, z = concept_data(3000, seed=6)
+    neutral_mean, concept_mean = x[z == 0].mean(0), x[z == 1].mean(0)
+    eraser = L.fit_leace(x, z, centre="neutral")
+    xe = eraser(x)
+    cross = (xe - xe.mean(0)).T @ (z - z.mean())[:, None] / (len(z) - 1)
+    assert cross.abs().max() < 1e-4 * x.abs().max()
+    scale = (concept_mean - neutral_mean).norm()
+    assert (xe[z == 0].mean(0) - neutral_mean).norm() < 1e-5 * scale
+    assert (xe[z == 1].mean(0) - neutral_mean).norm() < 1e-5 * scale
+    plain = L.fit_leace(x, z)(x)
+    assert (plain[z == 1].mean(0) - x.mean(0)).norm() < 1e-5 * scale  # LEACE: both onto the overall mean
+    assert torch.equal(eraser.projection, L.fit_leace(x, z).projection)  # the same projection, another centre
+    with pytest.raises(ValueError, match="centre"):
+        L.fit_leace(x, z, centre="middle")
+    with pytest.raises(ValueError, match="without the concept"):
+        L.fit_leace(x, torch.stack([z, 1 - z], 1), centre="neutral")  # every row carries one of two labels

@@ -182,18 +182,29 @@ def row_uce_word_rows(unet, te, tok):
     return _closed_form(unet, te, tok, 0, tail_rows=1)
 
 
-def row_leace(unet, te, tok, per_position=False):
+def row_leace(unet, te, tok, per_position=False, centre="mean"):
     shapes, places = S.BASE_SHAPES, list(S.POSITION_PHRASE.values())
     concept = [f"a red {s} {p} on a {bg} background" for s in shapes for p in places for bg in S.BACKGROUND_NAMES]
     neutral = [f"a {c} {s} {p} on a {bg} background" for c in PRESERVE for s in shapes for p in places
                for bg in S.BACKGROUND_NAMES]
-    eraser = L.fit_on_conditioning(D.encode_text(tok, te, concept), D.encode_text(tok, te, neutral), per_position)
-    return Erased(unet, f"{'per position' if per_position else 'pooled'}, rank {eraser.rank}, fitted on "
+    eraser = L.fit_on_conditioning(D.encode_text(tok, te, concept), D.encode_text(tok, te, neutral), per_position,
+                                   centre)
+    return Erased(unet, f"{'per position' if per_position else 'pooled'}, rank {eraser.rank}, "
+                        f"centred on the {centre}, fitted on "
                         f"{len(concept)} red / {len(neutral)} other captions (no 'crimson')", cond_fn=eraser)
 
 
 def row_leace_per_position(unet, te, tok):
     return row_leace(unet, te, tok, per_position=True)
+
+
+def row_leace_per_position_neutral(unet, te, tok):
+    """Per position, centred on the other colours' mean: red captions move all the way to "another colour"."""
+    return row_leace(unet, te, tok, per_position=True, centre="neutral")
+
+
+def row_leace_neutral(unet, te, tok):
+    return row_leace(unet, te, tok, centre="neutral")
 
 
 def _steer(unet, te, tok, scale, mode, threshold, concept=ERASED, neutral=None):
@@ -368,7 +379,9 @@ def attack_rate(e: Erased, te, tok, judge, steps: int = 300, lr: float = 5e-3) -
 ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": row_uce_realera,
                              "uce_strong_preserve": row_uce_strong_preserve, "uce_word_rows": row_uce_word_rows,
                              "leace": row_leace,
-                             "leace_per_position": row_leace_per_position, "steer_negative": row_steer_negative,
+                             "leace_per_position": row_leace_per_position, "leace_neutral": row_leace_neutral,
+                             "leace_per_position_neutral": row_leace_per_position_neutral,
+                             "steer_negative": row_steer_negative,
                              "steer_sld": row_steer_sld, "steer_negative_shape": row_steer_negative_shape,
                              "steer_contrast": row_steer_contrast, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
                              "esd_x": row_esd_x,
