@@ -233,16 +233,17 @@ class SteerAwayFromConcept(io.ComfyNode):
                 io.String.Input("concept", default="red", tooltip="The concept to steer away from."),
                 io.Float.Input("scale", default=3.0, min=0.0, max=10000.0, step=0.1,
                                tooltip="Steering strength; 0 gives the unpatched model exactly. negative: like a "
-                                       "CFG scale (1-7); sld: SLD's guidance scale (weak 200, medium 1000, "
-                                       "strong 2000)."),
+                                       "CFG scale (1-7); sld: SLD's guidance scale s_S (weak 20, medium 1000, "
+                                       "strong 2000, max 5000)."),
                 io.Combo.Input("mode", options=list(MODES), default="negative",
                                tooltip="negative: subtract scale x (concept - unconditional); sld: Safe Latent "
                                        "Diffusion, only where the prompt leans towards the concept, bounded."),
                 io.Float.Input("threshold", default=0.01, min=-1.0, max=1.0, step=0.001,
                                tooltip="sld only: where prompt - concept is below this, steering acts "
-                                       "(SLD medium: 0.01)."),
+                                       "(SLD weak 0, medium 0.01, strong 0.025, max 1)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Steer from this point of the schedule (SLD's warm-up: about 0.1)."),
+                               tooltip="Steer from this point of the schedule (SLD's warm-up, in steps of 50: "
+                                       "weak 15, medium 10, strong 7, max 0; about 0.3 / 0.2 / 0.15 / 0)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Stop steering after this point of the schedule."),
                 io.String.Input("neutral", default="", optional=True,
@@ -250,24 +251,34 @@ class SteerAwayFromConcept(io.ComfyNode):
                                         "car'): steering then pushes away from what the concept adds to it only, "
                                         "not from the rest (one more prediction per step). Empty: from the "
                                         "unconditional prediction, as in the papers."),
+                io.Float.Input("momentum", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
+                               tooltip="sld only: SLD's momentum scale s_m (weak 0, medium 0.3, strong and max "
+                                       "0.5). It builds up from the first step, the warm-up included (one more "
+                                       "prediction per step there). 0: no momentum, as before."),
+                io.Float.Input("momentum_beta", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
+                               tooltip="sld only: SLD's momentum beta, how long the momentum remembers (weak 0, "
+                                       "medium 0.4, strong and max 0.7)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the steering patch (a clone).")],
         )
 
     @classmethod
-    def execute(cls, model, clip, concept, scale, mode, threshold, start_percent, end_percent, neutral=""):
+    def execute(cls, model, clip, concept, scale, mode, threshold, start_percent, end_percent, neutral="",
+                momentum=0.0, momentum_beta=0.0):
         if not concept.strip():
             raise ValueError("give the concept to steer away from")
         if neutral.strip() and neutral.strip() == concept.strip():
             raise ValueError(f"the neutral prompt is the concept itself ('{concept}'): give the concept prompt "
                              "without the concept (e.g. 'a car' for 'a red car'), or leave neutral empty")
+        if momentum and mode != "sld":
+            log.warning("Steer Away From Concept: momentum is SLD's; mode %s ignores it", mode)
         sigma_range = _sigma_range(model, start_percent, end_percent)
 
         def encode(text):
             return comfy.sampler_helpers.convert_cond(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
         post_cfg = steering_post_cfg(encode(concept), scale, mode, threshold, sigma_range,
                                      comfy.samplers.calc_cond_batch, comfy.samplers.encode_model_conds,
-                                     encode(neutral) if neutral.strip() else None)
+                                     encode(neutral) if neutral.strip() else None, (momentum, momentum_beta))
         return io.NodeOutput(add_steering(model, post_cfg))
 
 

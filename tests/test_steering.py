@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from core.steering import MODES, steer_denoised, steering_correction
+from core.steering import MODES, SLD_PRESETS, sld_gamma, sld_momentum, steer_denoised, steering_correction
 
 
 def preds(seed=0, shape=(2, 4, 8, 8)):
@@ -67,3 +67,72 @@ def test_a_neutral_prediction_replaces_the_unconditional_one_in_the_direction():
     for mode in MODES:
         assert torch.equal(steering_correction(cond, uncond, concept, 2.0, 5.0, mode, 0.01, neutral=concept),
                            torch.zeros_like(cond))
+
+
+def test_sld_momentum_builds_up_to_gamma_over_one_minus_its_scale():
+    """g_t = gamma + s_m nu_t, nu_{t+1} = beta nu_t + (1 - beta) g_t: no momentum is gamma itself; with a constant
+    gamma the fixed point is g = gamma / (1 - s_m)."""
+    gamma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    velocity = None
+    for _ in range(5):
+        g, velocity = sld_momentum(gamma, velocity, 0.0, 0.4)
+        assert torch.equal(g, gamma)
+    velocity = None
+    for _ in range(200):
+        g, velocity = sld_momentum(gamma, velocity, 0.5, 0.7)
+    assert torch.allclose(g, gamma / (1 - 0.5), atol=1e-5)
+
+
+def test_sld_presets_are_the_papers():
+    assert SLD_PRESETS["medium"] == (10, 1000.0, 0.01, 0.3, 0.4)
+    assert SLD_PRESETS["weak"][1] == 20.0 and SLD_PRESETS["max"][2] == 1.0
+
+
+class _Model:
+    extra_conds = None
+
+
+def _post_cfg_args(x, sigma, cond, uncond, cfg=5.0):
+    s = sigma.view(-1, 1, 1, 1)
+    return {"denoised": uncond + cfg * (cond - uncond), "sigma": sigma, "uncond_denoised": uncond,
+            "cond_denoised": cond, "cond_scale": cfg, "input": x, "model": _Model(), "model_options": {},
+            "_s": s}
+
+
+def test_post_cfg_momentum_accumulates_in_the_warm_up_applies_after_and_resets_on_a_new_run():
+    from core.patching.comfy_erase import steering_post_cfg
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    cond, uncond, concept = (torch.randn(1, 4, 8, 8, generator=gen) for _ in range(3))
+    calls = []
+
+    def calc_cond_batch(model, conds, x_, sigma, opts):
+        calls.append(float(sigma))
+        return [concept]
+    sigmas = [torch.tensor([v]) for v in (10.0, 5.0, 2.0, 1.0)]
+    start = 6.0  # the first call is the warm-up
+    plain = steering_post_cfg("c", 1000.0, "sld", 0.01, (start, 0.0), calc_cond_batch, lambda *a: a[1])
+    with_m = steering_post_cfg("c", 1000.0, "sld", 0.01, (start, 0.0), calc_cond_batch, lambda *a: a[1],
+                               momentum=(0.5, 0.7))
+
+    def run(post):
+        return [post(_post_cfg_args(x, s, cond, uncond)) for s in sigmas]
+    out_plain, out_m = run(plain), run(with_m)
+    assert calls[:3] == [5.0, 2.0, 1.0]  # without momentum no prediction in the warm-up ...
+    assert calls[3:] == [10.0, 5.0, 2.0, 1.0]  # ... with it, one per call from the first
+    assert torch.equal(out_m[0], _post_cfg_args(x, sigmas[0], cond, uncond)["denoised"])  # nothing applied yet
+
+    velocity = None
+    expected = []
+    for s in sigmas:  # the recurrence by hand, in epsilon
+        sx = s.view(-1, 1, 1, 1)
+        e = [(x - d) / sx for d in (cond, uncond, concept)]
+        g, velocity = sld_momentum(sld_gamma(e[0], e[1], e[2], 1000.0, 0.01), velocity, 0.5, 0.7)
+        expected.append(_post_cfg_args(x, s, cond, uncond)["denoised"] + sx * 5.0 * g)
+    for got, want in zip(out_m[1:], expected[1:], strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(out_m[1], out_plain[1])  # the warm-up's momentum is there at the first applied step
+    again = run(with_m)  # a second run starts from nu = 0 again
+    for a, b in zip(again, out_m, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

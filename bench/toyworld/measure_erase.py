@@ -44,7 +44,7 @@ from core.localize import CallPlan, ResidualGate
 from core.patching import diffusers as D
 from core.patching.comfy_compose import KVResidualHooks
 from core.patching.comfy_erase import guided_residuals
-from core.steering import steering_correction
+from core.steering import SLD_PRESETS, sld_gamma, sld_momentum, steering_correction
 
 from . import judge as J
 from . import model as M
@@ -81,10 +81,10 @@ def encode_word(tok, te):
 
 
 @torch.no_grad()
-def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
+def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, sld=None):
     """M.generate's DDIM CFG sampler with hooks: ``cond_fn`` transforms the prompt conditioning (LEACE);
     ``steer = (concept conditioning, scale, mode, threshold[, neutral conditioning])`` adds the steering correction
-    in epsilon space."""
+    in epsilon space; ``sld = (warm-up steps, momentum scale, beta)``: SLD's warm-up and momentum (mode sld)."""
     cond = D.encode_text(tok, te, prompts)
     if cond_fn is not None:
         cond = cond_fn(cond)
@@ -102,7 +102,8 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
             parts.append(steer[4].expand(b, -1, -1))
     context = torch.cat(parts)
     ac = sched.alphas_cumprod
-    for t in sched.timesteps:
+    velocity = None
+    for step, t in enumerate(sched.timesteps):
         inp = sched.scale_model_input(torch.cat([x] * len(parts)), t)
         if gate is not None:
             gate.plan = CallPlan(active=True)
@@ -110,7 +111,12 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None):
         a = ac[int(t)].expand(b)
         eps = [training.convert_prediction(o, "v", "eps", x, a) for o in out]
         guided = eps[0] + M.GUIDANCE * (eps[1] - eps[0])
-        if steer is not None:
+        if steer is not None and sld is not None:
+            gamma = sld_gamma(eps[1], eps[3] if len(steer) > 4 else eps[0], eps[2], steer[1], steer[3])
+            g, velocity = sld_momentum(gamma, velocity, sld[1], sld[2])
+            if step >= sld[0]:
+                guided = guided - M.GUIDANCE * g
+        elif steer is not None:
             guided = guided + steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3],
                                                   eps[3] if len(steer) > 4 else None)
         v = training.convert_prediction(guided, "eps", "v", x, a)
@@ -131,6 +137,7 @@ class Erased:
     residuals: R.ResidualSet | None = None
     strength: float = 1.0  # of the residuals (a slider turned down: negative)
     kv: bool = False  # residuals on attn2.to_k / to_v (ESD-x) instead of each transformer's proj_out
+    sld: tuple | None = None  # SLD's (warm-up steps, momentum scale, beta)
 
 
 def _kv_hooks(e: Erased) -> KVResidualHooks:
@@ -139,7 +146,7 @@ def _kv_hooks(e: Erased) -> KVResidualHooks:
 
 def sample(e: Erased, te, tok, prompts, seed):
     if e.residuals is None:
-        return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
+        return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer, sld=e.sld)
     if e.kv:
         with _kv_hooks(e):
             return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
@@ -223,6 +230,19 @@ def row_steer_negative(unet, te, tok):
 
 def row_steer_sld(unet, te, tok):
     return _steer(unet, te, tok, 1000.0, "sld", 0.01)
+
+
+def _steer_sld_preset(preset: str, concept: str):
+    """SLD with one of the paper's configurations: warm-up (of 50 steps, scaled to the toy's 20), s_S, lambda and
+    momentum."""
+    def row(unet, te, tok):
+        warmup, scale, threshold, momentum, beta = SLD_PRESETS[preset]
+        e = _steer(unet, te, tok, scale, "sld", threshold, concept)
+        steps = round(warmup * M.SAMPLE_STEPS / 50)
+        return dataclasses.replace(e, sld=(steps, momentum, beta),
+                                   note=f"{e.note}, SLD {preset}: warm-up {steps} of {M.SAMPLE_STEPS} steps, "
+                                        f"momentum {momentum:g} (beta {beta:g})")
+    return row
 
 
 def row_steer_negative_shape(unet, te, tok):
@@ -382,7 +402,9 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "leace_per_position": row_leace_per_position, "leace_neutral": row_leace_neutral,
                              "leace_per_position_neutral": row_leace_per_position_neutral,
                              "steer_negative": row_steer_negative,
-                             "steer_sld": row_steer_sld, "steer_negative_shape": row_steer_negative_shape,
+                             "steer_sld": row_steer_sld,
+                             "steer_sld_max_shape": _steer_sld_preset("max", f"a {ERASED} shape"),
+                             "steer_negative_shape": row_steer_negative_shape,
                              "steer_contrast": row_steer_contrast, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
                              "esd_x": row_esd_x,
                              "esd_captions_preserve": _captions_rows(False, True, 800, eta=3.0, lr=1e-2),

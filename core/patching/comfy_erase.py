@@ -18,7 +18,7 @@ from ..erase import KV_SUFFIXES, cross_attention_projections
 from ..layouts import find_sites
 from ..localize import CallPlan, ResidualGate
 from ..residuals import ResidualSet, init_residuals
-from ..steering import steer_denoised
+from ..steering import sld_gamma, sld_momentum, steer_denoised
 from .comfy import DIFFUSION_MODEL, prompt_token_ids
 from .comfy_compose import KVResidualHooks, init_kv_residuals
 
@@ -45,11 +45,16 @@ def kv_weights(model_patcher) -> list[tuple[str, torch.Tensor]]:
 
 
 def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: float, sigma_range, calc_cond_batch,
-                      encode_model_conds, neutral_cond=None):
+                      encode_model_conds, neutral_cond=None, momentum: tuple[float, float] = (0.0, 0.0)):
     """A ``sampler_post_cfg_function`` steering the guided result away from ``concept_cond`` (converted ComfyUI
     conditioning) between ``sigma_range`` = (start sigma, end sigma); outside it, and at scale 0, the result is
-    passed through untouched. ``neutral_cond``: the direction is concept - neutral instead of concept - uncond."""
+    passed through untouched. ``neutral_cond``: the direction is concept - neutral instead of concept - uncond.
+    ``momentum`` = (s_m, beta), sld only: SLD's momentum, accumulated on every model call from the first (before
+    the start too, as SLD's warm-up) and reset when a call's sigma is above the previous one (a new run)."""
     start, end = sigma_range
+    momentum_scale, beta = momentum
+    with_momentum = cfg_mode == "sld" and momentum_scale != 0.0
+    state: dict = {"sigma": float("inf"), "velocity": None}
 
     def post_cfg(args):
         denoised = args["denoised"]
@@ -58,14 +63,33 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
         if scale == 0.0 or uncond is None:
             return denoised
         s = float(sigma.max())
-        if not end <= s <= start:
+        active = end <= s <= start
+        if with_momentum:
+            if s > state["sigma"] or (state["velocity"] is not None and state["velocity"].shape != denoised.shape):
+                state["velocity"] = None  # a new sampling run
+            state["sigma"] = s
+            if s < end:
+                return denoised
+        elif not active:
             return denoised
         x, model = args["input"], args["model"]
         conds = [encode_model_conds(model.extra_conds, c, x, x.device, "negative")
                  for c in (concept_cond, neutral_cond) if c is not None]
         concept_denoised, *neutral = calc_cond_batch(model, conds, x, sigma, args["model_options"])
-        return steer_denoised(denoised, x, sigma, args["cond_denoised"], uncond, concept_denoised, scale,
-                              args["cond_scale"], cfg_mode, threshold, neutral[0] if neutral else None)
+        neutral_denoised = neutral[0] if neutral else None
+        if not with_momentum:
+            return steer_denoised(denoised, x, sigma, args["cond_denoised"], uncond, concept_denoised, scale,
+                                  args["cond_scale"], cfg_mode, threshold, neutral_denoised)
+        sx = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+        def eps(d):
+            return (x - d) / sx
+        gamma = sld_gamma(eps(args["cond_denoised"]), eps(uncond if neutral_denoised is None else neutral_denoised),
+                          eps(concept_denoised), scale, threshold)
+        guided, state["velocity"] = sld_momentum(gamma, state["velocity"], momentum_scale, beta)
+        if not active:  # the warm-up: momentum builds up, nothing is applied yet
+            return denoised
+        return denoised + sx * args["cond_scale"] * guided
     return post_cfg
 
 

@@ -160,6 +160,24 @@ def test_steering_from_a_neutral_prompt(comfy_server):
     assert "the neutral prompt is the concept itself" in comfy_server.run_expect_error(same)
 
 
+def test_sld_momentum(comfy_server):
+    # SLD medium from 20% on: with its momentum (0.3, beta 0.4) the latent differs from without; momentum 0 is a
+    # prompt from before the inputs, exactly; in negative mode momentum is ignored (with a warning)
+    base = stock_t2i_prompt(SD15, seed=5, prefix="steer_m_base", positive="a photo of a red car")
+    sld = dict(mode="sld", threshold=0.01, start_percent=0.2)
+    old = insert_model_node(base, "31", "ConceptsSteerAway", steer(1000.0, **sld))
+    zero = insert_model_node(base, "31", "ConceptsSteerAway", steer(1000.0, momentum=0.0, momentum_beta=0.4, **sld))
+    on = insert_model_node(base, "31", "ConceptsSteerAway", steer(1000.0, momentum=0.3, momentum_beta=0.4, **sld))
+    neg = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0))
+    neg_m = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, momentum=0.5, momentum_beta=0.7))
+    for p, tag in ((old, "old"), (zero, "zero"), (on, "on"), (neg, "neg"), (neg_m, "neg_m")):
+        p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/steer_m_{tag}"
+    lat_old = latent_of(comfy_server, old)
+    assert latent_of(comfy_server, zero).equal(lat_old)
+    assert not latent_of(comfy_server, on).equal(lat_old)
+    assert latent_of(comfy_server, neg_m).equal(latent_of(comfy_server, neg))
+
+
 def test_bad_inputs_stop_with_clear_messages(comfy_server):
     two_words = workflow_prompt("train_slider", SD15, ConceptsTrainSlider={
         "positive": "an old man", "negative": "a young woman"})
