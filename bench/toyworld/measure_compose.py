@@ -9,7 +9,12 @@ square; same seeds), to measure the composition itself where the new shape and t
 Prompt: "a sks shape and a zwx shape on a <background> background" (A named first, so A belongs on the left).
 Rows: both residuals global; multi-concept LAG (``core.regions``: each residual gated by its own token's
 cross-attention, larger attention wins); region-limited LoRAs (each residual limited to a drawn half: A left,
-B right). Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
+B right); the concepts named in the base model's own words, no residual (the ceiling: "a yellow striped diamond
+and a purple square on …"); and, for comparison, the hook-based way (not one prompt, not one pass): one prompt
+per half ("a sks shape on the left on a ⟨bg⟩ background", "a zwx shape on the right …"), each predicted in its
+own UNet call with its own residual, blended by the half masks (what ComfyUI's masked conditionings with hook
+LoRAs compute).
+Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
 object carries the other concept's colour or shape). Sampling noise seeds 801-808, none used in training.
 """
 from __future__ import annotations
@@ -85,6 +90,35 @@ def sample(unet, te, tok, prompt: str, seed: int, before_call=None) -> torch.Ten
     return ((M.from_latents(x.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+@torch.no_grad()
+def sample_regional_prompts(unet, te, tok, items, seed: int) -> torch.Tensor:
+    """The hook-based baseline (ComfyUI's ConditioningSetProperties with a mask and a hook LoRA per prompt): each
+    ``(prompt, mask [h, w], residual set)`` is predicted in its own UNet call with its residual on everywhere, the
+    conditional predictions are blended by the masks (which tile the image), the unconditional one has none."""
+    sched = M.build_scheduler()
+    uncond = D.encode_text(tok, te, [""])
+    conds = [(D.encode_text(tok, te, [p]), m[None, None], rs) for p, m, rs in items]
+    c = unet.config
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, c.in_channels, c.sample_size, c.sample_size), generator=gen) * sched.init_noise_sigma
+    sched.set_timesteps(M.SAMPLE_STEPS)
+    sites = D.unet_sites(unet)
+    for t in sched.timesteps:
+        xin = sched.scale_model_input(x, t)
+        eps_u = unet(xin, t, encoder_hidden_states=uncond).sample
+        eps_c = torch.zeros_like(eps_u)
+        for cond, mask, rs in conds:
+            gate = ResidualGate(sites, rs)
+            gate.install()
+            gate.plan = cfg_plan(1, [0], [])
+            try:
+                eps_c += mask * unet(xin, t, encoder_hidden_states=cond).sample
+            finally:
+                gate.remove()
+        x = sched.step(eps_u + M.GUIDANCE * (eps_c - eps_u), t, x).prev_sample
+    return ((M.from_latents(x.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
 def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
     """(both concepts recognised in place, any leakage of one concept's colour or shape onto the other)."""
     a, b = concepts["sks"], concepts["zwx"]
@@ -137,10 +171,30 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
            "prompts": prompts,
            "train_seconds": {t: round(learned[t][1], 1) for t in concepts}, "weights_sha256": M.sha256(weights),
            "rows": {}}
-    for name in ("none", "global", "multi_lag", "masks"):
+    def words(c):  # the concept in the base model's own words: the ceiling of what composition can reach
+        return " ".join([c["colour"]] + ([c["texture"]] if c["texture"] != "plain" else []) + [c["shape"]])
+
+    for name in ("none", "global", "multi_lag", "masks", "hooks_regional_prompts", "words"):
         both, leak = [], []
         for prompt in prompts:
             for seed in seeds:
+                if name == "words":
+                    bg = prompt.split(" on a ")[-1]
+                    img = sample(unet, te, tok, f"a {words(concepts['sks'])} and a {words(concepts['zwx'])} on a {bg}",
+                                 seed)
+                    b, lk = score(J.read(judge, img)[0], concepts)
+                    both.append(b)
+                    leak.append(lk)
+                    continue
+                if name == "hooks_regional_prompts":  # two prompts, two passes: the baseline, not one prompt
+                    bg = prompt.split(" on a ")[-1]
+                    img = sample_regional_prompts(unet, te, tok, [
+                        (f"a sks {S.CLASS_WORD} on the left on a {bg}", left, learned["sks"][0]),
+                        (f"a zwx {S.CLASS_WORD} on the right on a {bg}", right, learned["zwx"][0])], seed)
+                    b, lk = score(J.read(judge, img)[0], concepts)
+                    both.append(b)
+                    leak.append(lk)
+                    continue
                 gates, before = ([], None) if name == "none" else rows_for(name)(prompt)
                 for g in gates:
                     g.install()
