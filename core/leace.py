@@ -10,7 +10,11 @@ moving X as little as possible in the mean-squared (Mahalanobis) sense. The cros
 where the projection is centred: r(x) = x - W^+ P W (x - b) erases as perfectly for any b. LEACE takes b = the
 mean of all X (least movement); b = the mean of the examples without the concept (``centre="neutral"``) leaves
 their mean exactly in place and moves the concept examples' mean onto it, all the way to "without the concept"
-instead of part of the way (the concept examples' share of the mean). Text conditioning [B, L, D] is erased
+instead of part of the way (the concept examples' share of the mean). Nor does it depend on the whitening being
+Sigma's own: any invertible W gives W^+ P W Sigma_XZ = Sigma_XZ. ``shrinkage`` s whitens with Sigma + s * mean
+eigenvalue * I instead: no longer the least change on the fitting data, but bounded on inputs the fit never saw
+(with few fitting prompts Sigma has near-zero directions, and plain LEACE's oblique projection can move an unseen
+prompt's rows without bound along them). Text conditioning [B, L, D] is erased
 row by row with one eraser fitted on the rows of every token position pooled (a concept word changes its own
 row and, through the causal text encoder, every later row).
 """
@@ -69,11 +73,15 @@ def as_labels(z: torch.Tensor) -> torch.Tensor:
 CENTRES = ("mean", "neutral")
 
 
-def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8, centre: str = "mean") -> LeaceEraser:
+def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8, centre: str = "mean",
+              shrinkage: float = 0.0) -> LeaceEraser:
     """Fit the LEACE eraser (Belrose et al. 2023, Thm. 4.3) to features ``x`` [n, d] and labels ``z`` [n] / [n, k];
-    ``centre`` "neutral": centred on the mean of the rows whose labels are all zero (see the module docstring)."""
+    ``centre`` "neutral": centred on the mean of the rows whose labels are all zero; ``shrinkage``: the whitening's
+    covariance is Sigma + shrinkage * (its mean eigenvalue) * I (see the module docstring)."""
     if centre not in CENTRES:
         raise ValueError(f"unknown centre {centre!r}; use one of {CENTRES}")
+    if shrinkage < 0:
+        raise ValueError(f"shrinkage must be 0 or more, not {shrinkage}")
     if x.shape[0] != z.shape[0]:
         raise ValueError(f"{x.shape[0]} feature rows but {z.shape[0]} labels")
     if x.shape[0] < 2:
@@ -94,6 +102,8 @@ def fit_leace(x: torch.Tensor, z: torch.Tensor, rtol: float = 1e-8, centre: str 
     evals, evecs = torch.linalg.eigh(sigma)
     if evals.max() <= 1e-12 * (mu.abs().max() ** 2).clamp_min(1e-300):  # constant features (e.g. the start token)
         return LeaceEraser(mu.float(), torch.zeros_like(sigma, dtype=torch.float32))
+    if shrinkage > 0:
+        evals = evals.clamp_min(0) + shrinkage * evals.clamp_min(0).mean()
     keep = evals > rtol * evals.max()
     v, lam = evecs[:, keep], evals[keep]
     whiten = v @ torch.diag(lam.rsqrt()) @ v.T  # (Sigma^{1/2})^+
@@ -114,20 +124,20 @@ def conditioning_rows(cond: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def fit_on_conditioning(concept: torch.Tensor, neutral: torch.Tensor, per_position: bool = False,
-                        centre: str = "mean") -> LeaceEraser:
+                        centre: str = "mean", shrinkage: float = 0.0) -> LeaceEraser:
     """An eraser from encodings of prompts with the concept [B1, L, D] and without it [B2, L, D].
 
     Pooled (default): one eraser for the rows of every position, for prompts of any wording. ``per_position``:
     one eraser per token position, much stronger when the prompts to erase follow the fitting prompts' template
-    (the same words at the same positions), meaningless otherwise. ``centre``: see ``fit_leace``.
+    (the same words at the same positions), meaningless otherwise. ``centre``, ``shrinkage``: see ``fit_leace``.
     """
     if concept.shape[1:] != neutral.shape[1:]:
         raise ValueError("the prompts with and without the concept must be encoded to the same shape")
     cond = torch.cat([concept, neutral])
     labels = torch.cat([torch.ones(concept.shape[0]), torch.zeros(neutral.shape[0])])
     if not per_position:
-        return fit_leace(*conditioning_rows(cond, labels), centre=centre)
-    erasers = [fit_leace(cond[:, i], labels, centre=centre) for i in range(cond.shape[1])]
+        return fit_leace(*conditioning_rows(cond, labels), centre=centre, shrinkage=shrinkage)
+    erasers = [fit_leace(cond[:, i], labels, centre=centre, shrinkage=shrinkage) for i in range(cond.shape[1])]
     return LeaceEraser(torch.stack([e.mean for e in erasers]), torch.stack([e.projection for e in erasers]))
 
 

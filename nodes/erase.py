@@ -194,12 +194,18 @@ class EraseFromConditioning(io.ComfyNode):
                                        "neutral prompts' average, which stays exactly in place (stronger). mean: "
                                        "plain LEACE, both moved to the average of all (least change). Both leave "
                                        "no linear signal. Prompts saved before this input existed use mean."),
+                io.Float.Input("shrinkage", default=0.01, min=0.0, max=10.0, step=0.001, optional=True,
+                               tooltip="Regularises the fit: with few fitting prompts, plain LEACE (0) can move a "
+                                       "prompt worded unlike them far off (its rows by many times their size); "
+                                       "0.01 keeps the erasure exact on the fitting prompts and bounds that. "
+                                       "Prompts saved before this input existed use 0."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The erased conditioning.")],
         )
 
     @classmethod
-    def execute(cls, conditioning, clip, concept_prompts, neutral_prompts, strength, per_position, centre="mean"):
+    def execute(cls, conditioning, clip, concept_prompts, neutral_prompts, strength, per_position, centre="mean",
+                shrinkage=0.0):
         with_concept, without = _lines(concept_prompts), _lines(neutral_prompts)
         if not with_concept or not without:
             raise ValueError("give at least one prompt with the concept and one without it, one per line")
@@ -207,13 +213,14 @@ class EraseFromConditioning(io.ComfyNode):
         def encode(prompts):
             with torch.no_grad():
                 return torch.cat([clip.encode_from_tokens(clip.tokenize(p))[:, :77].float().cpu() for p in prompts])
-        eraser = leace.fit_on_conditioning(encode(with_concept), encode(without), per_position, centre)
+        eraser = leace.fit_on_conditioning(encode(with_concept), encode(without), per_position, centre, shrinkage)
         out = []
         for cond, extra in conditioning:
             erased = eraser(cond)
             out.append([torch.lerp(cond, erased, strength) if strength != 1.0 else erased, dict(extra)])
-        log.info("LEACE eraser (%s, centred on the %s) of rank %d fitted on %d + %d prompts",
-                 "per position" if per_position else "pooled", centre, eraser.rank, len(with_concept), len(without))
+        log.info("LEACE eraser (%s, centred on the %s, shrinkage %g) of rank %d fitted on %d + %d prompts",
+                 "per position" if per_position else "pooled", centre, shrinkage, eraser.rank, len(with_concept),
+                 len(without))
         return io.NodeOutput(out)
 
 

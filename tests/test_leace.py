@@ -121,3 +121,29 @@ def test_neutral_centre_keeps_the_neutral_mean_and_moves_the_concept_mean_onto_i
         L.fit_leace(x, z, centre="middle")
     with pytest.raises(ValueError, match="without the concept"):
         L.fit_leace(x, torch.stack([z, 1 - z], 1), centre="neutral")  # every row carries one of two labels
+
+
+def test_shrinkage_keeps_the_erasure_and_bounds_the_edit_of_an_unseen_input():
+    """Fitting data that barely vary in some directions (few prompts) make plain LEACE's oblique projection move
+    an input off those data without bound; whitening with Sigma + s * mean eigenvalue * I keeps the cross-covariance
+    exactly zero (any invertible whitening does) and moves that input less than its own offset."""
+    gen = torch.Generator().manual_seed(8)
+    n, d = 400, 16
+    z = (torch.rand(n, generator=gen) < 0.5).double()
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x[:, 4:] *= 1e-3  # directions the fitting data barely vary in (still above the rank cut-off)
+    x[:, 0] += 2.0 * z
+    x[:, 5] += 1e-3 * z  # the concept shifts the data a little along one of them too
+    edits = {}
+    for shrinkage in (0.0, 0.01):
+        eraser = L.fit_leace(x, z, centre="neutral", shrinkage=shrinkage)
+        xe = eraser(x).double()
+        cross = (xe - xe.mean(0)).T @ (z - z.mean())[:, None] / (n - 1)
+        assert cross.abs().max() < 1e-6, shrinkage
+        unseen = eraser.mean.double().clone()
+        unseen[5] += 1.0  # one unit off the fitted data, along a barely-varying direction
+        edits[shrinkage] = (eraser(unseen[None]).double()[0] - unseen).norm().item()
+    assert edits[0.0] > 100.0  # plain LEACE: a hundred times the input's own offset
+    assert edits[0.01] < 1.0
+    with pytest.raises(ValueError, match="shrinkage"):
+        L.fit_leace(x, z, shrinkage=-1.0)

@@ -189,15 +189,24 @@ def row_uce_word_rows(unet, te, tok):
     return _closed_form(unet, te, tok, 0, tail_rows=1)
 
 
-def row_leace(unet, te, tok, per_position=False, centre="mean"):
+def row_leace(unet, te, tok, per_position=False, centre="mean", held_out=False, shrinkage=0.0):
+    """LEACE fitted on every shape x place x background caption in red and in the other colours (the evaluation's
+    wordings among them; never "crimson"), or, ``held_out``, on ``training_captions`` only (wordings the
+    evaluation never uses)."""
     shapes, places = S.BASE_SHAPES, list(S.POSITION_PHRASE.values())
-    concept = [f"a red {s} {p} on a {bg} background" for s in shapes for p in places for bg in S.BACKGROUND_NAMES]
-    neutral = [f"a {c} {s} {p} on a {bg} background" for c in PRESERVE for s in shapes for p in places
-               for bg in S.BACKGROUND_NAMES]
+    if held_out:
+        concept = training_captions(ERASED)
+        neutral = [c for colour in PRESERVE for c in training_captions(colour)]
+    else:
+        concept = [f"a red {s} {p} on a {bg} background" for s in shapes for p in places
+                   for bg in S.BACKGROUND_NAMES]
+        neutral = [f"a {c} {s} {p} on a {bg} background" for c in PRESERVE for s in shapes for p in places
+                   for bg in S.BACKGROUND_NAMES]
     eraser = L.fit_on_conditioning(D.encode_text(tok, te, concept), D.encode_text(tok, te, neutral), per_position,
-                                   centre)
+                                   centre, shrinkage)
     return Erased(unet, f"{'per position' if per_position else 'pooled'}, rank {eraser.rank}, "
-                        f"centred on the {centre}, fitted on "
+                        f"centred on the {centre}, " + (f"shrinkage {shrinkage:g}, " if shrinkage else "")
+                        + f"fitted on {'held-out wordings: ' if held_out else ''}"
                         f"{len(concept)} red / {len(neutral)} other captions (no 'crimson')", cond_fn=eraser)
 
 
@@ -208,6 +217,20 @@ def row_leace_per_position(unet, te, tok):
 def row_leace_per_position_neutral(unet, te, tok):
     """Per position, centred on the other colours' mean: red captions move all the way to "another colour"."""
     return row_leace(unet, te, tok, per_position=True, centre="neutral")
+
+
+def row_leace_per_position_neutral_held_out(unet, te, tok):
+    return row_leace(unet, te, tok, per_position=True, centre="neutral", held_out=True)
+
+
+def row_leace_per_position_held_out(unet, te, tok):
+    return row_leace(unet, te, tok, per_position=True, held_out=True)
+
+
+def _leace_shrunk(held_out: bool):
+    def row(unet, te, tok):
+        return row_leace(unet, te, tok, per_position=True, centre="neutral", held_out=held_out, shrinkage=0.01)
+    return row
 
 
 def row_leace_neutral(unet, te, tok):
@@ -401,6 +424,10 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "leace": row_leace,
                              "leace_per_position": row_leace_per_position, "leace_neutral": row_leace_neutral,
                              "leace_per_position_neutral": row_leace_per_position_neutral,
+                             "leace_per_position_held_out": row_leace_per_position_held_out,
+                             "leace_per_position_neutral_held_out": row_leace_per_position_neutral_held_out,
+                             "leace_per_position_neutral_shrunk": _leace_shrunk(False),
+                             "leace_per_position_neutral_held_out_shrunk": _leace_shrunk(True),
                              "steer_negative": row_steer_negative,
                              "steer_sld": row_steer_sld,
                              "steer_sld_max_shape": _steer_sld_preset("max", f"a {ERASED} shape"),

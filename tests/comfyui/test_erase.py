@@ -86,16 +86,21 @@ def test_slider_and_leace_at_zero_strength_or_before_the_start_are_the_base_mode
     assert not latent_of(comfy_server, leace1).equal(lat_plain)
 
 
-def test_leace_centre_neutral_is_the_workflows_and_an_old_prompt_keeps_plain_leace(comfy_server):
-    # the shipped workflow centres on the neutral prompts (the concept moved all the way to them); a prompt from
-    # before the input samples what centre "mean" (plain LEACE) samples, exactly
+def test_leace_centre_and_shrinkage_of_the_workflow_and_an_old_prompt_keeps_plain_leace(comfy_server):
+    # the shipped workflow centres on the neutral prompts (the concept moved all the way to them) with shrinkage
+    # 0.01; a prompt from before the inputs samples what centre "mean", shrinkage 0 (plain LEACE) samples, exactly
     old = with_save_latent(workflow_prompt("erase_leace", SD15), "le_old")
-    del old[node_id(old, "ConceptsEraseLeace")]["inputs"]["centre"]
-    mean = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"centre": "mean"}), "le_mean")
-    neutral = with_save_latent(workflow_prompt("erase_leace", SD15), "le_neutral")
-    lat_mean = latent_of(comfy_server, mean)
-    assert latent_of(comfy_server, old).equal(lat_mean)
-    assert not latent_of(comfy_server, neutral).equal(lat_mean)
+    for key in ("centre", "shrinkage"):
+        del old[node_id(old, "ConceptsEraseLeace")]["inputs"][key]
+    plain = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={
+        "centre": "mean", "shrinkage": 0.0}), "le_mean")
+    neutral = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"shrinkage": 0.0}),
+                               "le_neutral")
+    shipped = with_save_latent(workflow_prompt("erase_leace", SD15), "le_shipped")
+    lat_plain, lat_neutral = latent_of(comfy_server, plain), latent_of(comfy_server, neutral)
+    assert latent_of(comfy_server, old).equal(lat_plain)
+    assert not lat_neutral.equal(lat_plain)
+    assert not latent_of(comfy_server, shipped).equal(lat_neutral)
 
 
 def test_esd_on_its_own_ddim_path_trains_on_other_states_than_the_default(comfy_server):
