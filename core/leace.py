@@ -141,6 +141,35 @@ def fit_on_conditioning(concept: torch.Tensor, neutral: torch.Tensor, per_positi
     return LeaceEraser(torch.stack([e.mean for e in erasers]), torch.stack([e.projection for e in erasers]))
 
 
+def offset_labels(length: int, start: int) -> torch.Tensor:
+    """[length, length] labels of one prompt's rows: row ``start`` + j is class j (the concept word's first token
+    and every row after it, each offset its own class); rows before the word are all zero."""
+    z = torch.zeros(length, length, dtype=torch.float64)
+    j = torch.arange(length - start)
+    z[start + j, j] = 1.0
+    return z
+
+
+def fit_by_word(concept: torch.Tensor, neutral: torch.Tensor, word_starts: list[int], centre: str = "neutral",
+                shrinkage: float = 0.0) -> LeaceEraser:
+    """One pooled eraser for prompts of any wording: every row of the prompts with the concept [B1, L, D] labelled
+    by its offset from the concept word (``word_starts``: the word's first token position in each), the rows
+    before the word and every row without the concept [B2, L, D] unlabelled; applied to every row of a prompt.
+
+    A causal text encoder writes the word into its own row and every later one, each differently (one label for
+    all of them leaves the later rows' concept: on the toy world, red stayed in every sample); the rank of the
+    edit is at most the number of offsets (L)."""
+    if concept.shape[1:] != neutral.shape[1:]:
+        raise ValueError("the prompts with and without the concept must be encoded to the same shape")
+    if len(word_starts) != concept.shape[0]:
+        raise ValueError(f"{concept.shape[0]} concept prompts but {len(word_starts)} word positions")
+    length = concept.shape[1]
+    labels = [offset_labels(length, s) for s in word_starts] + [torch.zeros(length, length, dtype=torch.float64)
+                                                                 for _ in range(neutral.shape[0])]
+    rows = torch.cat([concept, neutral]).reshape(-1, concept.shape[-1])
+    return fit_leace(rows, torch.cat(labels), centre=centre, shrinkage=shrinkage)
+
+
 def least_squares_probe(x: torch.Tensor, z: torch.Tensor, rcond: float = 1e-6) -> torch.Tensor:
     """Weights [d + 1, k] of the least-squares probe z ~ [x, 1] (the attacker LEACE is optimal against).
 

@@ -16,7 +16,7 @@ from ..core import erase as E
 from ..core import leace, training
 from ..core import residuals as R
 from ..core import sliders as S
-from ..core.patching.comfy import apply_global, model_family, model_sites
+from ..core.patching.comfy import apply_global, concept_positions, model_family, model_sites
 from ..core.patching.comfy_erase import (
     GUIDED_LAYERS,
     add_steering,
@@ -31,6 +31,7 @@ from ..core.patching.comfy_erase import (
 )
 from ..core.plots import line_plot
 from ..core.steering import MODES
+from ..core.tokens import TokenNotFoundError
 from ._common import (
     CATEGORY,
     NamedCondGuider,
@@ -199,13 +200,18 @@ class EraseFromConditioning(io.ComfyNode):
                                        "prompt worded unlike them far off (its rows by many times their size); "
                                        "0.01 keeps the erasure exact on the fitting prompts and bounds that. "
                                        "Prompts saved before this input existed use 0."),
+                io.String.Input("concept_word", default="", optional=True,
+                                tooltip="The word every concept prompt names (e.g. 'red'). Given (with per_position "
+                                        "off): one eraser for prompts of any wording, fitted on each row's place "
+                                        "after that word (the word and every later row, each its own label). "
+                                        "Empty: as before, every row of a concept prompt labelled alike."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The erased conditioning.")],
         )
 
     @classmethod
     def execute(cls, conditioning, clip, concept_prompts, neutral_prompts, strength, per_position, centre="mean",
-                shrinkage=0.0):
+                shrinkage=0.0, concept_word=""):
         with_concept, without = _lines(concept_prompts), _lines(neutral_prompts)
         if not with_concept or not without:
             raise ValueError("give at least one prompt with the concept and one without it, one per line")
@@ -213,14 +219,31 @@ class EraseFromConditioning(io.ComfyNode):
         def encode(prompts):
             with torch.no_grad():
                 return torch.cat([clip.encode_from_tokens(clip.tokenize(p))[:, :77].float().cpu() for p in prompts])
-        eraser = leace.fit_on_conditioning(encode(with_concept), encode(without), per_position, centre, shrinkage)
+        word = concept_word.strip()
+        if word and per_position:
+            raise ValueError("per_position and concept_word are two ways to fit: turn per_position off to fit by the "
+                             "word (any wording), or leave concept_word empty")
+        if word:
+            starts = []
+            for p in with_concept:
+                try:
+                    starts.append(concept_positions(clip, p, [word])[0])
+                except TokenNotFoundError:
+                    raise ValueError(f"concept_word '{word}' is not in the concept prompt \"{p}\": every concept "
+                                     "prompt must name it (or leave concept_word empty)") from None
+            if max(starts) >= 77:
+                raise ValueError(f"'{word}' comes after the first 77 tokens of a concept prompt: shorten it")
+            eraser = leace.fit_by_word(encode(with_concept), encode(without), starts, centre, shrinkage)
+        else:
+            eraser = leace.fit_on_conditioning(encode(with_concept), encode(without), per_position, centre,
+                                               shrinkage)
         out = []
         for cond, extra in conditioning:
             erased = eraser(cond)
             out.append([torch.lerp(cond, erased, strength) if strength != 1.0 else erased, dict(extra)])
         log.info("LEACE eraser (%s, centred on the %s, shrinkage %g) of rank %d fitted on %d + %d prompts",
-                 "per position" if per_position else "pooled", centre, shrinkage, eraser.rank, len(with_concept),
-                 len(without))
+                 f"by offset from '{word}'" if word else "per position" if per_position else "pooled", centre,
+                 shrinkage, eraser.rank, len(with_concept), len(without))
         return io.NodeOutput(out)
 
 

@@ -147,3 +147,28 @@ def test_shrinkage_keeps_the_erasure_and_bounds_the_edit_of_an_unseen_input():
     assert edits[0.01] < 1.0
     with pytest.raises(ValueError, match="shrinkage"):
         L.fit_leace(x, z, shrinkage=-1.0)
+
+
+def test_by_word_eraser_leaves_no_linear_signal_at_any_offset_from_the_word():
+    """Rows labelled by their offset from the concept word (each offset a class): after erasure no offset's rows
+    are linearly told apart from the unlabelled rows; rows before the word are unlabelled."""
+    assert torch.equal(L.offset_labels(4, 1), torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0],
+                                                            [0, 0, 1, 0]], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(9)
+    n, length, d = 300, 5, 24
+    concept = torch.randn(n, length, d, generator=gen, dtype=torch.float64)
+    neutral = torch.randn(n, length, d, generator=gen, dtype=torch.float64)
+    starts = torch.randint(1, 3, (n,), generator=gen).tolist()
+    shift = torch.randn(length, d, generator=gen, dtype=torch.float64) * 2.0  # the word's trace, per offset
+    for b, s in enumerate(starts):
+        concept[b, s:] += shift[: length - s]
+    eraser = L.fit_by_word(concept, neutral, starts, shrinkage=0.01)
+    labels = torch.cat([torch.stack([L.offset_labels(length, s) for s in starts]).reshape(-1, length),
+                        torch.zeros(n * length, length, dtype=torch.float64)])
+    rows = torch.cat([concept, neutral]).reshape(-1, d)
+    erased = eraser(rows)
+    cross = (erased - erased.mean(0)).T @ (labels - labels.mean(0)) / (len(rows) - 1)
+    before = (rows - rows.mean(0)).T @ (labels - labels.mean(0)) / (len(rows) - 1)
+    assert before.abs().max() > 0.05 and cross.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="word positions"):
+        L.fit_by_word(concept, neutral, starts[:-1])

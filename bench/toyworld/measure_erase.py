@@ -45,6 +45,7 @@ from core.patching import diffusers as D
 from core.patching.comfy_compose import KVResidualHooks
 from core.patching.comfy_erase import guided_residuals
 from core.steering import SLD_PRESETS, sld_gamma, sld_momentum, steering_correction
+from core.tokens import find_subsequence
 
 from . import judge as J
 from . import model as M
@@ -225,6 +226,20 @@ def row_leace_per_position_neutral_held_out(unet, te, tok):
 
 def row_leace_per_position_held_out(unet, te, tok):
     return row_leace(unet, te, tok, per_position=True, held_out=True)
+
+
+def row_leace_by_word(unet, te, tok):
+    """One pooled LEACE eraser for any wording (``core.leace.fit_by_word``: rows labelled by their offset from
+    "red"), neutral centre, shrinkage 0.01, fitted on ``training_captions`` only (wordings the evaluation never
+    uses)."""
+    concept = training_captions(ERASED)
+    neutral = [c for colour in PRESERVE for c in training_captions(colour)]
+    word = tok(ERASED, add_special_tokens=False).input_ids
+    starts = [find_subsequence(D.token_ids(tok, c), word)[0] for c in concept]
+    eraser = L.fit_by_word(D.encode_text(tok, te, concept), D.encode_text(tok, te, neutral), starts, "neutral", 0.01)
+    return Erased(unet, f"pooled by offset from the word, rank {eraser.rank}, centred on the neutral, shrinkage "
+                        f"0.01, fitted on held-out wordings: {len(concept)} red / {len(neutral)} other captions",
+                  cond_fn=eraser)
 
 
 def _leace_shrunk(held_out: bool):
@@ -428,6 +443,7 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "leace_per_position_neutral_held_out": row_leace_per_position_neutral_held_out,
                              "leace_per_position_neutral_shrunk": _leace_shrunk(False),
                              "leace_per_position_neutral_held_out_shrunk": _leace_shrunk(True),
+                             "leace_by_word": row_leace_by_word,
                              "steer_negative": row_steer_negative,
                              "steer_sld": row_steer_sld,
                              "steer_sld_max_shape": _steer_sld_preset("max", f"a {ERASED} shape"),

@@ -86,21 +86,29 @@ def test_slider_and_leace_at_zero_strength_or_before_the_start_are_the_base_mode
     assert not latent_of(comfy_server, leace1).equal(lat_plain)
 
 
-def test_leace_centre_and_shrinkage_of_the_workflow_and_an_old_prompt_keeps_plain_leace(comfy_server):
-    # the shipped workflow centres on the neutral prompts (the concept moved all the way to them) with shrinkage
-    # 0.01; a prompt from before the inputs samples what centre "mean", shrinkage 0 (plain LEACE) samples, exactly
+def test_leace_centre_shrinkage_and_word_of_the_workflow_and_an_old_prompt_keeps_plain_leace(comfy_server):
+    # the shipped workflow fits by the word "red", centred on the neutral prompts, with shrinkage 0.01; each input
+    # changes the result; a prompt from before the inputs samples what plain LEACE (mean, 0, no word) samples,
+    # exactly; a word missing from a concept prompt or given with per_position stops with a message
     old = with_save_latent(workflow_prompt("erase_leace", SD15), "le_old")
-    for key in ("centre", "shrinkage"):
+    for key in ("centre", "shrinkage", "concept_word"):
         del old[node_id(old, "ConceptsEraseLeace")]["inputs"][key]
     plain = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={
-        "centre": "mean", "shrinkage": 0.0}), "le_mean")
-    neutral = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"shrinkage": 0.0}),
-                               "le_neutral")
-    shipped = with_save_latent(workflow_prompt("erase_leace", SD15), "le_shipped")
-    lat_plain, lat_neutral = latent_of(comfy_server, plain), latent_of(comfy_server, neutral)
+        "centre": "mean", "shrinkage": 0.0, "concept_word": ""}), "le_mean")
+    neutral = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={
+        "shrinkage": 0.0, "concept_word": ""}), "le_neutral")
+    shrunk = with_save_latent(workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"concept_word": ""}),
+                              "le_shrunk")
+    shipped = with_save_latent(workflow_prompt("erase_leace", SD15), "le_shipped")  # by the word "red"
+    lat_plain, lat_neutral, lat_shrunk = (latent_of(comfy_server, p) for p in (plain, neutral, shrunk))
     assert latent_of(comfy_server, old).equal(lat_plain)
     assert not lat_neutral.equal(lat_plain)
-    assert not latent_of(comfy_server, shipped).equal(lat_neutral)
+    assert not lat_shrunk.equal(lat_neutral)
+    assert not latent_of(comfy_server, shipped).equal(lat_shrunk)
+    missing = workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"concept_word": "crimson"})
+    assert "is not in the concept prompt" in comfy_server.run_expect_error(missing)
+    both = workflow_prompt("erase_leace", SD15, ConceptsEraseLeace={"per_position": True})
+    assert "two ways to fit" in comfy_server.run_expect_error(both)
 
 
 def test_esd_on_its_own_ddim_path_trains_on_other_states_than_the_default(comfy_server):
