@@ -14,9 +14,10 @@ instead of part of the way (the concept examples' share of the mean). Nor does i
 Sigma's own: any invertible W gives W^+ P W Sigma_XZ = Sigma_XZ. ``shrinkage`` s whitens with Sigma + s * mean
 eigenvalue * I instead: no longer the least change on the fitting data, but bounded on inputs the fit never saw
 (with few fitting prompts Sigma has near-zero directions, and plain LEACE's oblique projection can move an unseen
-prompt's rows without bound along them). Text conditioning [B, L, D] is erased
-row by row with one eraser fitted on the rows of every token position pooled (a concept word changes its own
-row and, through the causal text encoder, every later row).
+prompt's rows without bound along them). Text conditioning [B, L, D] is erased row by row with one eraser fitted
+on the rows of every token position pooled (a concept word changes its own row and, through the causal text
+encoder, every later row), one per position (``per_position``), or one pooled eraser whose labels are each row's
+offset from the concept word (``fit_by_word``).
 """
 from __future__ import annotations
 
