@@ -132,6 +132,7 @@ class Ctx:
     config: training.TrainConfig
     cache: dict
     concept: dict = field(default_factory=lambda: dict(CONCEPT))
+    rank: int = 0  # fixed residual rank per layer; 0: the paper's rule (0.05 of the width)
 
 
 @dataclass
@@ -164,7 +165,8 @@ def _residuals(ctx: Ctx, captions: bool = False):
         extra = dict(captions=concept_captions(concept_scenes(concept=ctx.concept)), flip=False) if captions else {}
         rs, losses = D.train_residuals(ctx.unet, M.vae_for(ctx.unet), ctx.tokenizer, ctx.text_encoder, ctx.images,
                                        CLASS_WORD, token=TOKEN, resolution=S.SIZE, config=ctx.config,
-                                       prediction="v", alphas_cumprod=M.train_alphas_cumprod(), **extra)
+                                       prediction="v", alphas_cumprod=M.train_alphas_cumprod(),
+                                       fixed_rank=ctx.rank, **extra)
         ctx.cache[key] = (rs, time.time() - t0, losses)
         log.info("%s: %d params, loss %.4f -> %.4f", key, rs.parameter_count(), np.mean(losses[:10]),
                  np.mean(losses[-10:]))
@@ -339,13 +341,14 @@ ROWS: dict[str, Callable[[Ctx], Row]] = {
 }
 
 
-def run(weights: str, judge_path: str, steps: int, rows: list[str], lr: float = 1e-3, concept: str = "new") -> dict:
+def run(weights: str, judge_path: str, steps: int, rows: list[str], lr: float = 1e-3, concept: str = "new",
+        rank: int = 0) -> dict:
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
     wanted = CONCEPTS[concept]
     images = torch.from_numpy(S.render_batch(concept_scenes(concept=wanted)))
     cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
-    ctx = Ctx(unet, te, tok, judge, images, cfg, {}, dict(wanted))
+    ctx = Ctx(unet, te, tok, judge, images, cfg, {}, dict(wanted), rank)
     prompts = eval_prompts()
     texts = [p.text for p in prompts]
     refs = {s: _plain_sample(ctx, texts, s).numpy() for s in EVAL_SEEDS}
@@ -372,7 +375,7 @@ def run(weights: str, judge_path: str, steps: int, rows: list[str], lr: float = 
                          **{k: float(np.mean(v)) for k, v in parts.items()}}
         log.info("%s %s", name, results[name])
     return {"concept": wanted, "concept_set": concept, "token": TOKEN, "class_word": CLASS_WORD, "train_steps": steps,
-            "lr": lr,
+            "lr": lr, "fixed_rank": rank,
             "train_seed": TRAIN_SEED, "concept_render_seeds": [CONCEPT_RENDER_SEED0 + i for i in range(4)],
             "eval_sample_seeds": list(EVAL_SEEDS), "eval_prompt_scene_seed0": EVAL_SCENE_SEED0,
             "eval_prompts": texts, "weights_sha256": M.sha256(weights), "rows": results}
@@ -399,11 +402,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--concept", choices=sorted(CONCEPTS), default="new",
                     help="new: the held-out ring (the table); known: a yellow striped diamond the base model can draw")
+    ap.add_argument("--rank", type=int, default=0,
+                    help="fixed residual rank for every layer (0: the paper's rule, 0.05 of the width)")
     ap.add_argument("--json", default=os.path.join(M.HERE, "results", "toyworld.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    res = run(args.weights, args.judge, args.steps, [r for r in args.rows.split(",") if r], args.lr, args.concept)
+    res = run(args.weights, args.judge, args.steps, [r for r in args.rows.split(",") if r], args.lr, args.concept,
+              args.rank)
     print(table(res))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -58,13 +58,14 @@ def renders(c: dict, n: int = 4) -> torch.Tensor:
     return torch.from_numpy(S.render_batch(concept_scenes(c, n)))
 
 
-def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3, with_captions: bool = False) -> dict:
+def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3, with_captions: bool = False,
+          rank: int = 0) -> dict:
     out = {}
     for token, c in concepts.items():
         t0 = time.time()
         cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
         rs, _ = D.train_residuals(unet, M.VAE(), tok, te, renders(c), S.CLASS_WORD, token=token,
-                                  resolution=S.SIZE, flip=False, config=cfg, prediction="v",
+                                  resolution=S.SIZE, flip=False, config=cfg, prediction="v", fixed_rank=rank,
                                   alphas_cumprod=M.train_alphas_cumprod(),
                                   captions=concept_captions(concept_scenes(c), token) if with_captions else None)
         out[token] = (rs, time.time() - t0)
@@ -131,11 +132,11 @@ def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
 
 
 def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4,
-        concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False) -> dict:
+        concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False, rank: int = 0) -> dict:
     concepts = CONCEPT_SETS[concept_set]
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
-    learned = learn(unet, te, tok, steps, concepts, lr, with_captions)
+    learned = learn(unet, te, tok, steps, concepts, lr, with_captions, rank)
     sites = D.unet_sites(unet)
     modules = D.unet_modules(unet)
     prompts = [f"a sks {S.CLASS_WORD} and a zwx {S.CLASS_WORD} on a {bg} background"
@@ -167,7 +168,8 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
         return ctx_regions
 
     res = {"concept_set": concept_set, "concepts": {k: dict(v) for k, v in concepts.items()}, "train_steps": steps,
-           "learning_rate": lr, "captions": with_captions, "train_seed": TRAIN_SEED, "sample_seeds": list(seeds),
+           "learning_rate": lr, "captions": with_captions, "fixed_rank": rank, "train_seed": TRAIN_SEED,
+           "sample_seeds": list(seeds),
            "prompts": prompts,
            "train_seconds": {t: round(learned[t][1], 1) for t in concepts}, "weights_sha256": M.sha256(weights),
            "rows": {}}
@@ -234,11 +236,14 @@ def main(argv=None):
     ap.add_argument("--captions", action="store_true",
                     help="train each concept on its renders' captions ('a sks shape on the left on a white "
                          "background') instead of the paper's one prompt")
+    ap.add_argument("--rank", type=int, default=0,
+                    help="fixed residual rank for every layer (0: the paper's rule, 0.05 of the width)")
     ap.add_argument("--json", default="bench/toyworld/results/compose.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
-    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr, args.captions)
+    res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr, args.captions,
+              args.rank)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

@@ -11,6 +11,8 @@ Rows (two-object held-out scenes, true renders):
 - extracted concepts alone: ``extract_concepts`` with the scene's true masks (and, second row, with the
   unsupervised masks), then each concept sampled alone ("a photo of <word>") with its handle and the shared
   residuals under LAG; recognised = the judge finds an object of the concept's colour and shape.
+- the same objects in their own words ("a photo of a red circle"), no learning: what the base model itself reaches
+  with that prompt form, the ceiling of the extraction rows.
 
 Seeds: scenes 62,000,000+ (never used by base training, which skips held-out captions, nor by the other tables);
 recorder noise seed 0; extraction trainer seed 0; sampling noise seeds 901-904. Settings (the masks' noise level,
@@ -174,6 +176,19 @@ def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bo
             "train_seconds_mean": round(float(np.mean(seconds)), 1) if seconds else 0.0}
 
 
+@torch.no_grad()
+def words_row(unet, te, tok, judge, scenes: list[S.Scene]) -> dict:
+    """Each object sampled from its own colour and shape words in the extraction rows' prompt form."""
+    found = []
+    for sc in scenes:
+        for o in sc.objects:
+            prompt = f"a photo of a {S.COLOURS[o.colour][1][0]} {o.shape}"
+            for seed in SAMPLE_SEEDS:
+                reading = J.read(judge, M.generate(unet, te, tok, [prompt], seed))[0]
+                found.append(any(ob.colour == o.colour and ob.shape == o.shape for ob in reading.objects))
+    return {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes)}
+
+
 def run(weights: str, judge_path: str, n_scenes: int, n_extract: int, config: ExtractConfig,
         val: bool = False) -> dict:
     torch.manual_seed(0)
@@ -188,6 +203,7 @@ def run(weights: str, judge_path: str, n_scenes: int, n_extract: int, config: Ex
     res["unsupervised_masks"] = mask_row(unet, te, tok, scenes[:n_scenes])
     res["seconds_maps"] = round(time.time() - t0, 1)
     if n_extract:
+        res["words_alone"] = words_row(unet, te, tok, judge, scenes[:n_extract])
         res["extract_true_masks"] = extraction_row(unet, te, tok, judge, scenes[:n_extract], False, config)
         res["extract_unsupervised_masks"] = extraction_row(unet, te, tok, judge, scenes[:n_extract], True, config)
     return res
@@ -206,6 +222,10 @@ def table(res: dict) -> str:
             r = res[key]
             lines.append(f"{label:<34} {r['recognised_alone']:7.3f}  >= 0.80  ({r['samples']} samples, "
                          f"{r['train_seconds_mean']} s training per scene)")
+    if "words_alone" in res:
+        r = res["words_alone"]
+        lines.append(f"{'same objects in their own words':<34} {r['recognised_alone']:7.3f}  "
+                     f"(ceiling: 'a photo of a red circle', {r['samples']} samples)")
     return "\n".join(lines)
 
 
