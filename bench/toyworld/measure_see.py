@@ -1,6 +1,6 @@
 """See and extract on the toy world (issue "See and extract"): one command, a table and a JSON file.
 
-    python -m bench.toyworld.measure_see [--scenes 60] [--extract-scenes 6] [--json bench/toyworld/results/see.json]
+    python -m bench.toyworld.measure_see [--scenes 60] [--extract-scenes 12] [--json bench/toyworld/results/see.json]
 
 Rows (two-object held-out scenes, true renders):
 - heatmap peak: the true render is noised to 30/50/70 % of the schedule and run once per level through the base
@@ -234,7 +234,7 @@ def main(argv=None):
     ap.add_argument("--weights", default=M.DEFAULT_WEIGHTS)
     ap.add_argument("--judge", default=os.path.join(M.HERE, "weights", "judge.safetensors"))
     ap.add_argument("--scenes", type=int, default=60)
-    ap.add_argument("--extract-scenes", type=int, default=6)
+    ap.add_argument("--extract-scenes", type=int, default=12)
     ap.add_argument("--handle-steps", type=int, default=200)
     # The toy's conditioning rows are ~6 in norm: the node's default handle lr (5e-3) barely moves a handle in
     # 100 steps (max change 0.23); these were chosen on validation scenes (recognised alone: lr 5e-3 ~0.13 on 2
