@@ -57,6 +57,25 @@ def test_colour_synonyms_and_held_out_concepts():
         assert all(o.shape in S.BASE_SHAPES and o.texture in S.BASE_TEXTURES for o in sc.objects)
 
 
+def test_colourless_captions_keep_the_scene_and_drop_only_the_colour():
+    """The fifth base model's captions: an object without its colour word ("a striped shape"); the scene of a seed
+    is the same at any ``colourless_p``, and at 0 the caption is the old one."""
+    bare_seen = 0
+    for seed in range(200):
+        plain, bare = S.make_scene(seed, class_word_p=0.1), S.make_scene(seed, class_word_p=0.1, colourless_p=0.5)
+        assert plain.objects == bare.objects and plain.background == bare.background
+        assert S.make_scene(seed, class_word_p=0.1, colourless_p=0.0).caption() == plain.caption()
+        colour_words = {w for _, ws in S.COLOURS.values() for w in ws}
+        for o, dropped, phrase in zip(bare.objects, bare.colourless, bare.caption().split(" and "), strict=False):
+            named = [w for w in phrase.split() if w in colour_words]
+            if dropped:
+                assert named == []
+            else:
+                assert len(named) == 1 and named[0] in S.COLOURS[o.colour][1]
+            bare_seen += dropped
+    assert 100 < bare_seen < 200  # about half of ~300 objects
+
+
 def test_tokenizer_one_token_per_word():
     tok = M.build_tokenizer()
     for w in S.VOCABULARY:
@@ -77,7 +96,7 @@ def test_judge_reads_true_renders():
             assert all(J.iou(o.mask, m) > 0.8 for o, m in zip(rd.objects, r.masks, strict=True))
 
 
-@pytest.mark.parametrize("name", ["base.safetensors", "judge.safetensors"])
+@pytest.mark.parametrize("name", ["base.safetensors", "base_colourless.safetensors", "judge.safetensors"])
 def test_committed_weights_checksum(name):
     assert M.sha256(os.path.join(WEIGHTS, name)) == sums()[name]
 

@@ -9,13 +9,15 @@ square; same seeds), to measure the composition itself where the new shape and t
 Prompt: "a sks shape and a zwx shape on a <background> background" (A named first, so A belongs on the left).
 Rows: both residuals global; multi-concept LAG (``core.regions``: each residual gated by its own token's
 cross-attention, larger attention wins); region-limited LoRAs (each residual limited to a drawn half: A left,
-B right); the concepts named in the base model's own words, no residual (the ceiling: "a yellow striped diamond
+B right); a diagnosis, A's residual alone on the left half (does the base model's right object survive it?);
+the concepts named in the base model's own words, no residual (the ceiling: "a yellow striped diamond
 and a purple square on …"); and, for comparison, the hook-based way (not one prompt, not one pass): one prompt
 per half ("a sks shape on the left on a ⟨bg⟩ background", "a zwx shape on the right …"), each predicted in its
 own UNet call with its own residual, blended by the half masks (what ComfyUI's masked conditionings with hook
 LoRAs compute).
 Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
-object carries the other concept's colour or shape). Sampling noise seeds 801-808, none used in training.
+object carries the other concept's colour or shape), two objects drawn (any attributes). Sampling noise seeds
+801-808, none used in training.
 """
 from __future__ import annotations
 
@@ -155,7 +157,8 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
 
         def ctx_regions(prompt):
             regions = []
-            for token, mask in (("sks", left), ("zwx", right)):
+            pairs = (("sks", left),) if name == "masks_left_only" else (("sks", left), ("zwx", right))
+            for token, mask in pairs:
                 layers = dict(learned[token][0].layers)
                 if name == "multi_lag":
                     regions.append(Region(layers, tokens=D.concept_positions(tok, prompt, [token]), name=token))
@@ -176,26 +179,30 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
     def words(c):  # the concept in the base model's own words: the ceiling of what composition can reach
         return " ".join([c["colour"]] + ([c["texture"]] if c["texture"] != "plain" else []) + [c["shape"]])
 
-    for name in ("none", "global", "multi_lag", "masks", "hooks_regional_prompts", "words"):
-        both, leak = [], []
+    for name in ("none", "global", "multi_lag", "masks", "masks_left_only", "hooks_regional_prompts", "words"):
+        both, leak, two = [], [], []
         for prompt in prompts:
             for seed in seeds:
                 if name == "words":
                     bg = prompt.split(" on a ")[-1]
                     img = sample(unet, te, tok, f"a {words(concepts['sks'])} and a {words(concepts['zwx'])} on a {bg}",
                                  seed)
-                    b, lk = score(J.read(judge, img)[0], concepts)
+                    reading = J.read(judge, img)[0]
+                    b, lk = score(reading, concepts)
                     both.append(b)
                     leak.append(lk)
+                    two.append(len(reading.objects) == 2)
                     continue
                 if name == "hooks_regional_prompts":  # two prompts, two passes: the baseline, not one prompt
                     bg = prompt.split(" on a ")[-1]
                     img = sample_regional_prompts(unet, te, tok, [
                         (f"a sks {S.CLASS_WORD} on the left on a {bg}", left, learned["sks"][0]),
                         (f"a zwx {S.CLASS_WORD} on the right on a {bg}", right, learned["zwx"][0])], seed)
-                    b, lk = score(J.read(judge, img)[0], concepts)
+                    reading = J.read(judge, img)[0]
+                    b, lk = score(reading, concepts)
                     both.append(b)
                     leak.append(lk)
+                    two.append(len(reading.objects) == 2)
                     continue
                 gates, before = ([], None) if name == "none" else rows_for(name)(prompt)
                 for g in gates:
@@ -207,19 +214,23 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
                 finally:
                     for g in gates:
                         g.remove()
-                b, lk = score(J.read(judge, img)[0], concepts)
+                reading = J.read(judge, img)[0]
+                b, lk = score(reading, concepts)
                 both.append(b)
                 leak.append(lk)
+                two.append(len(reading.objects) == 2)
         res["rows"][name] = {"both_recognised": float(np.mean(both)), "leakage": float(np.mean(leak)),
-                             "samples": len(both)}
+                             "two_objects": float(np.mean(two)), "samples": len(both)}
         log.info("%s %s", name, res["rows"][name])
     return res
 
 
 def table(res: dict) -> str:
-    lines = [f"{'row':<12} {'both':>6} {'leak':>6}  (targets: both >= 0.80, leakage <= 0.05)"]
+    lines = [f"{'row':<22} {'both':>6} {'leak':>6} {'two':>6}  (targets: both >= 0.80, leakage <= 0.05; two: "
+             "two objects drawn)"]
     for name, r in res["rows"].items():
-        lines.append(f"{name:<12} {r['both_recognised']:6.3f} {r['leakage']:6.3f}  ({r['samples']} samples)")
+        lines.append(f"{name:<22} {r['both_recognised']:6.3f} {r['leakage']:6.3f} {r.get('two_objects', 0):6.3f}  "
+                     f"({r['samples']} samples)")
     return "\n".join(lines)
 
 

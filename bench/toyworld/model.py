@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = os.path.join(HERE, "weights", "base.safetensors")
+# the fifth version's variant: the fourth continued on captions that sometimes leave the colour out, so that a class
+# word alone ("a sks shape") draws an object (see the toy README); not yet the default, every table names its file
+COLOURLESS_WEIGHTS = os.path.join(HERE, "weights", "base_colourless.safetensors")
 MAX_LENGTH = 32
 TEXT_DIM = 64
 UNET_CONFIG = dict(  # the committed model: pixel space, cross-attention at 16² and 8²
@@ -206,7 +209,8 @@ def sha256(path: str) -> str:
 
 def write_checksums(folder: str = os.path.join(HERE, "weights")) -> str:
     """(Re)write ``SHA256SUMS`` for the committed weight files in ``folder``; the CI test compares against it."""
-    names = [n for n in ("base.safetensors", "judge.safetensors") if os.path.exists(os.path.join(folder, n))]
+    names = [n for n in ("base.safetensors", "base_colourless.safetensors", "judge.safetensors")
+             if os.path.exists(os.path.join(folder, n))]
     path = os.path.join(folder, "SHA256SUMS")
     with open(path, "w") as f:
         f.writelines(f"{sha256(os.path.join(folder, n))}  {n}\n" for n in names)

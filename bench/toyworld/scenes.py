@@ -72,6 +72,7 @@ class Scene:
     background: str
     colour_words: tuple[int, ...] = field(default=())  # per object: which of the colour's two words (0 or 1)
     class_word: tuple[bool, ...] = field(default=())  # per object: say "shape" instead of the shape name
+    colourless: tuple[bool, ...] = field(default=())  # per object: leave the colour word out of the caption
 
     def caption(self) -> str:
         return caption(self)
@@ -85,8 +86,8 @@ def position_of(x: float) -> str:
     return "middle"
 
 
-def object_phrase(o: Obj, word: int = 0, class_word: bool = False) -> str:
-    parts = ["a", COLOURS[o.colour][1][word]]
+def object_phrase(o: Obj, word: int = 0, class_word: bool = False, colourless: bool = False) -> str:
+    parts = ["a"] if colourless else ["a", COLOURS[o.colour][1][word]]
     if o.texture != "plain":
         parts.append(o.texture)
     parts.append(CLASS_WORD if class_word else o.shape)
@@ -97,7 +98,8 @@ def caption(scene: Scene) -> str:
     """``a red circle on the left on a gray background``; two objects: left one first, no position words."""
     words = scene.colour_words or (0,) * len(scene.objects)
     cls = scene.class_word or (False,) * len(scene.objects)
-    phrases = [object_phrase(o, w, c) for o, w, c in zip(scene.objects, words, cls, strict=False)]
+    bare = scene.colourless or (False,) * len(scene.objects)
+    phrases = [object_phrase(o, w, c, b) for o, w, c, b in zip(scene.objects, words, cls, bare, strict=False)]
     if len(scene.objects) == 1:
         text = f"{phrases[0]} {POSITION_PHRASE[scene.objects[0].position]}"
     else:
@@ -188,8 +190,12 @@ def random_object(rng: np.random.Generator, shapes, textures, colours, place: st
 
 def make_scene(seed: int, n_objects: int | None = None, shapes=BASE_SHAPES, textures=BASE_TEXTURES,
                colours=COLOUR_NAMES, backgrounds=BACKGROUND_NAMES, class_word_p: float = 0.0,
-               position: str | None = None) -> Scene:
-    """The scene of ``seed``: one or two objects (``n_objects`` None: either, evenly), deterministic."""
+               position: str | None = None, colourless_p: float = 0.0) -> Scene:
+    """The scene of ``seed``: one or two objects (``n_objects`` None: either, evenly), deterministic.
+
+    ``colourless_p``: per object, the chance that its caption leaves the colour out ("a striped shape"), so that a
+    prompt without a colour word (a class word, "a sks shape") still draws an object, as "a dog" does in SD; drawn
+    after every other choice, so the scenes of a seed are the same at any value."""
     rng = np.random.default_rng([seed, 7919])
     n = int(rng.integers(1, 3)) if n_objects is None else n_objects
     if n == 1:
@@ -202,7 +208,8 @@ def make_scene(seed: int, n_objects: int | None = None, shapes=BASE_SHAPES, text
     bg = _pick(rng, backgrounds)
     words = tuple(int(rng.integers(2)) for _ in objs)
     cls = tuple(bool(rng.random() < class_word_p) for _ in objs)
-    return Scene(objs, bg, words, cls)
+    bare = tuple(bool(rng.random() < colourless_p) for _ in objs) if colourless_p > 0 else ()
+    return Scene(objs, bg, words, cls, bare)
 
 
 def prompt_bucket(text: str, buckets: int = 10) -> int:

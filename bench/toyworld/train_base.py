@@ -41,11 +41,11 @@ VAL_SAMPLE_SEED = 4141
 DEFAULT_JUDGE = os.path.join(M.HERE, "weights", "judge.safetensors")
 
 
-def training_scene_stream(seed: int):
+def training_scene_stream(seed: int, colourless_p: float = 0.0):
     """Base-model training scenes in a fixed order: base shapes/textures, no held-out caption."""
     i = seed * 100_000_000
     while True:
-        sc = S.make_scene(i, class_word_p=0.1)
+        sc = S.make_scene(i, class_word_p=0.1, colourless_p=colourless_p)
         i += 1
         if not S.is_held_out_prompt(sc.caption()):
             yield sc
@@ -107,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--snr-plus-one", action="store_true", help="with --min-snr G: weight min(snr + 1, G) / (snr + 1) "
                     "(high-noise steps keep the plain v-loss weight)")
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--colourless", type=float, default=0.0,
+                    help="per object, the chance its caption leaves the colour word out (a class word alone then "
+                         "draws an object)")
     ap.add_argument("--obj-weight", type=float, default=0,
                     help="loss weight 1 + this on the objects' pixels (masks dilated by one pixel); 0: plain MSE")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (fp32 weights)")
@@ -166,7 +169,7 @@ def main(argv=None):
             raise ValueError(f"unknown --t-dist {args.t_dist!r}")
         u = torch.sigmoid(m + s * torch.randn(b, generator=gen))
         return (u * n_t).long().clamp(0, n_t - 1)
-    stream = training_scene_stream(args.seed)
+    stream = training_scene_stream(args.seed, args.colourless)
     id_cache: dict[str, list[int]] = {}
     log_path = os.path.splitext(args.out)[0] + ".log.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -175,7 +178,8 @@ def main(argv=None):
     train_s = 0.0
     meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema,
             "warmup": args.warmup, "t_dist": args.t_dist, "min_snr": args.min_snr, "snr_plus_one": args.snr_plus_one,
-            "bf16": args.bf16, "obj_weight": args.obj_weight}
+            "bf16": args.bf16, "obj_weight": args.obj_weight,
+            "colourless": args.colourless}
     if args.init:
         meta["init_sha256"] = M.sha256(args.init)
 
