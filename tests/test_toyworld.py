@@ -58,14 +58,14 @@ def test_colour_synonyms_and_held_out_concepts():
 
 
 def test_colourless_captions_keep_the_scene_and_drop_only_the_colour():
-    """The fifth base model's captions: an object without its colour word ("a striped shape"); the scene of a seed
+    """The colourless variant's captions: an object without its colour word ("a striped shape"); the scene of a seed
     is the same at any ``colourless_p``, and at 0 the caption is the old one."""
+    colour_words = {w for _, ws in S.COLOURS.values() for w in ws}
     bare_seen = 0
     for seed in range(200):
         plain, bare = S.make_scene(seed, class_word_p=0.1), S.make_scene(seed, class_word_p=0.1, colourless_p=0.5)
         assert plain.objects == bare.objects and plain.background == bare.background
         assert S.make_scene(seed, class_word_p=0.1, colourless_p=0.0).caption() == plain.caption()
-        colour_words = {w for _, ws in S.COLOURS.values() for w in ws}
         for o, dropped, phrase in zip(bare.objects, bare.colourless, bare.caption().split(" and "), strict=False):
             named = [w for w in phrase.split() if w in colour_words]
             if dropped:
