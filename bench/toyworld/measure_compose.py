@@ -182,38 +182,26 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
     for name in ("none", "global", "multi_lag", "masks", "masks_left_only", "hooks_regional_prompts", "words"):
         both, leak, two = [], [], []
         for prompt in prompts:
+            bg = prompt.split(" on a ")[-1]
             for seed in seeds:
                 if name == "words":
-                    bg = prompt.split(" on a ")[-1]
                     img = sample(unet, te, tok, f"a {words(concepts['sks'])} and a {words(concepts['zwx'])} on a {bg}",
                                  seed)
-                    reading = J.read(judge, img)[0]
-                    b, lk = score(reading, concepts)
-                    both.append(b)
-                    leak.append(lk)
-                    two.append(len(reading.objects) == 2)
-                    continue
-                if name == "hooks_regional_prompts":  # two prompts, two passes: the baseline, not one prompt
-                    bg = prompt.split(" on a ")[-1]
+                elif name == "hooks_regional_prompts":  # two prompts, two passes: the baseline, not one prompt
                     img = sample_regional_prompts(unet, te, tok, [
                         (f"a sks {S.CLASS_WORD} on the left on a {bg}", left, learned["sks"][0]),
                         (f"a zwx {S.CLASS_WORD} on the right on a {bg}", right, learned["zwx"][0])], seed)
-                    reading = J.read(judge, img)[0]
-                    b, lk = score(reading, concepts)
-                    both.append(b)
-                    leak.append(lk)
-                    two.append(len(reading.objects) == 2)
-                    continue
-                gates, before = ([], None) if name == "none" else rows_for(name)(prompt)
-                for g in gates:
-                    g.install()
-                    if isinstance(g, ResidualGate):
-                        g.plan = cfg_plan(2, [1, 0], [])
-                try:
-                    img = sample(unet, te, tok, prompt, seed, before)
-                finally:
+                else:
+                    gates, before = ([], None) if name == "none" else rows_for(name)(prompt)
                     for g in gates:
-                        g.remove()
+                        g.install()
+                        if isinstance(g, ResidualGate):
+                            g.plan = cfg_plan(2, [1, 0], [])
+                    try:
+                        img = sample(unet, te, tok, prompt, seed, before)
+                    finally:
+                        for g in gates:
+                            g.remove()
                 reading = J.read(judge, img)[0]
                 b, lk = score(reading, concepts)
                 both.append(b)
