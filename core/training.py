@@ -124,6 +124,12 @@ def convert_prediction(pred, kind: str, to: str, x_t, alpha_bar):
     return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[to]
 
 
+def objective_target(noise: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                     objective: str) -> torch.Tensor:
+    """The regression target in ``objective``'s space (eps, v or x0) for x_t = sqrt(a) x0 + sqrt(1-a) noise."""
+    return x0 if objective == "x0" else convert_prediction(noise, "eps", objective, x_t, alpha_bar)
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error; with ``mask`` [B, 1, h, w] only masked positions count (exactly zero weight outside)."""
     err = (pred.float() - target.float()) ** 2
@@ -195,7 +201,7 @@ def train(params: list[torch.Tensor], predict, latents: torch.Tensor, contexts: 
         t = torch.randint(0, ac.shape[0], (len(batch),), generator=gen).to(device)
         a = ac[t]
         x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
-        target = convert_prediction(noise, "eps", config.objective, x_t, a) if config.objective != "x0" else x0
+        target = objective_target(noise, x0, x_t, a, config.objective)
         pred = convert_prediction(predict(x_t, t, ctx), prediction, config.objective, x_t, a)
         loss = diffusion_loss(pred, target, masks[idx] if masks is not None else None)
         optimizer_step(opt, loss, step, config, losses, progress, "check the images for NaNs, ")

@@ -147,3 +147,19 @@ def test_one_shared_caption_trains_exactly_like_the_paper_prompt(sd1_unet, vae, 
     assert losses == pytest.approx(losses2, rel=1e-6, abs=0)
     assert all(torch.allclose(rs.layers[k].up, rs2.layers[k].up, atol=1e-7) for k in rs.layers)
     assert "captions" not in rs.metadata and "captions" not in rs2.metadata
+
+
+def test_v_and_x0_objectives_weigh_a_noise_error_by_one_over_alpha_bar_and_more():
+    """An eps error d is a v error d / sqrt(a) and an x0 error -d * sqrt((1 - a) / a): the v- and x0-losses give the
+    noisy steps (small a), where shapes and colours are decided, more weight than the eps-loss does."""
+    gen = torch.Generator().manual_seed(0)
+    x0, noise, delta = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    a = torch.tensor([0.9, 0.01])
+    x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+    pred_eps = noise + delta
+    assert torch.equal(training.objective_target(noise, x0, x_t, a, "eps"), noise)
+    assert torch.equal(training.objective_target(noise, x0, x_t, a, "x0"), x0)
+    for objective, factor in (("v", 1 / a.sqrt()), ("x0", -((1 - a) / a).sqrt())):
+        err = (training.convert_prediction(pred_eps, "eps", objective, x_t, a)
+               - training.objective_target(noise, x0, x_t, a, objective))
+        torch.testing.assert_close(err, delta * factor.view(-1, 1, 1, 1), rtol=1e-4, atol=1e-4)

@@ -248,6 +248,8 @@ def main(argv=None):
     # Break-A-Scene's cross-attention loss weight (0.01 on SD) chosen on the same 6 validation scenes with the phase 2
     # above: 0.01 0.521, 0.1 0.625, 0.2 0.563, 0.3 0.708, 0.5 0.583, 1.0 0.521
     ap.add_argument("--attention-weight", type=float, default=0.3)
+    # the extraction trainer's seed (its views, noises, timesteps and subsets); the table's rows use 0
+    ap.add_argument("--seed", type=int, default=0, help="the extraction trainer's seed")
     ap.add_argument("--json", default="bench/toyworld/results/see.json")
     ap.add_argument("--val", action="store_true", help="validation scenes (63,000,000+): for choosing settings")
     args = ap.parse_args(argv)
@@ -255,7 +257,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO)
     cfg = ExtractConfig(handle_steps=args.handle_steps, joint_steps=args.joint_steps, handle_lr=args.handle_lr,
                         joint_handle_lr=args.joint_handle_lr, residual_lr=args.residual_lr,
-                        attention_weight=args.attention_weight)
+                        attention_weight=args.attention_weight, seed=args.seed)
     res = run(args.weights, args.judge, args.scenes, args.extract_scenes, cfg, args.val)
     print(table(res))
     with open(args.json, "w") as f:
