@@ -252,8 +252,8 @@ def main(argv=None):
     # 0.71 / 0.29 (colour right 0.96 / 0.67), batch 4 0.65 / 0.50 (colour 0.98 / 0.98); on the test scenes, true /
     # own masks, batch 2 0.500 / 0.625 and 0.448 / 0.573, batch 4 0.552 / 0.656 and 0.542 / 0.562
     ap.add_argument("--batch-size", type=int, default=4, help="views per extraction training step")
-    # the extraction trainer's seed (its views, noises, timesteps and subsets); the table's rows use 0
-    ap.add_argument("--seed", type=int, default=0, help="the extraction trainer's seed")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the extraction trainer's seed: its views, noises, timesteps and subsets (the table's: 0)")
     ap.add_argument("--json", default="bench/toyworld/results/see.json")
     ap.add_argument("--val", action="store_true", help="validation scenes (63,000,000+): for choosing settings")
     args = ap.parse_args(argv)
