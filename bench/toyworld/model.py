@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = os.path.join(HERE, "weights", "base.safetensors")
-# the fifth version's variant: the fourth continued on captions that sometimes leave the colour out, so that a class
+# a variant of the fourth version: the fourth continued on captions that sometimes leave the colour out, so that a class
 # word alone ("a sks shape") draws an object (see the toy README); not yet the default, every table names its file
 COLOURLESS_WEIGHTS = os.path.join(HERE, "weights", "base_colourless.safetensors")
 MAX_LENGTH = 32
