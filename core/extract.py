@@ -231,6 +231,7 @@ class ConceptSet:
     class_words: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     family: str = ""
+    start_phrases: list[str] = field(default_factory=list)  # the candidate each handle started from ("" = its word)
 
     def phrase(self, i: int) -> str:
         cw = self.class_words[i] if i < len(self.class_words) else ""
@@ -391,6 +392,66 @@ def train_concepts(predict, latents: torch.Tensor, masks: torch.Tensor, contexts
     return losses
 
 
+SEARCH_FRACTIONS = (0.3, 0.5, 0.7, 0.9)  # noise levels the handle search scores at (toy validation: 300-900 of 1000)
+
+
+def candidate_prompt(phrase: str) -> str:
+    """The prompt a candidate phrase is encoded in; its last word's row is the candidate ('a red circle' -> the
+    row of 'circle' in 'a photo of a red circle', which has read the words before it)."""
+    return f"a photo of {phrase.strip()}"
+
+
+def candidate_phrases(text: str) -> list[str]:
+    """The comma-separated candidate phrases of the search (empty: no search)."""
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+@torch.no_grad()
+def handle_search_losses(predict, latents: torch.Tensor, mask: torch.Tensor, context: torch.Tensor,
+                         positions: list[int], rows: torch.Tensor, alphas_cumprod: torch.Tensor,
+                         prediction: str = "eps", fractions: tuple[float, ...] = SEARCH_FRACTIONS, draws: int = 2,
+                         seed: int = 99, progress=None) -> torch.Tensor:
+    """Masked diffusion loss [C] of each candidate row [C, D] written at the concept's ``positions`` of
+    ``context`` [1, L, D]: summed over ``fractions`` of the schedule and ``draws`` fixed noises, on all views
+    ``latents`` [V, C, h, w] inside ``mask`` [V, 1, h, w]. Every candidate sees the same noise (a paired
+    comparison); the lowest loss is the base model's own conditioning that best explains the masked object."""
+    device = latents.device
+    ac = alphas_cumprod.to(device=device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(latents.shape, generator=gen).to(device, latents.dtype) for _ in range(draws)]
+    steps = [min(ac.shape[0] - 1, max(0, round(f * (ac.shape[0] - 1)))) for f in fractions]
+    losses = torch.zeros(rows.shape[0])
+    done, total = 0, rows.shape[0] * len(steps) * len(noises)
+    for c in range(rows.shape[0]):
+        ctx = insert_handles(context.to(device), [positions], [rows[c:c + 1].to(device)])
+        ctx = ctx.expand(latents.shape[0], -1, -1)
+        for step in steps:
+            t = torch.full((latents.shape[0],), step, device=device, dtype=torch.long)
+            a = ac[t]
+            for noise in noises:
+                x_t = a.sqrt().view(-1, 1, 1, 1) * latents + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+                pred = convert_prediction(predict(x_t, t, ctx), prediction, "eps", x_t, a)
+                losses[c] += float(diffusion_loss(pred, noise, mask))
+                done += 1
+                if progress is not None:
+                    progress(done, total, None)
+    if not bool(torch.isfinite(losses).all()):
+        raise TrainingDivergedError("the handle search's losses are not finite: check the model and the image")
+    return losses
+
+
+def start_handles(handles: list[torch.Tensor], rows: torch.Tensor, scores: list[torch.Tensor]) -> list[int]:
+    """Overwrite each handle [n, D] with the candidate row of lowest score (every sub-token row gets it); returns
+    the chosen candidates' indices."""
+    chosen = []
+    for h, s in zip(handles, scores, strict=True):
+        best = int(s.argmin())
+        with torch.no_grad():
+            h.copy_(rows[best].to(h).expand_as(h))
+        chosen.append(best)
+    return chosen
+
+
 def view_masks(make_views, image: torch.Tensor, masks: torch.Tensor, resolution: int, views: int, seed: int,
                flip: bool):
     """Views of one image [1, H, W, 3] and its K masks: the same crops for every mask (same seed).
@@ -420,7 +481,8 @@ def save_concepts(concepts: ConceptSet, path: str, overwrite: bool = False) -> s
     sd.update({f"{HANDLE_KEY}{i}": h.detach().float().cpu().contiguous() for i, h in enumerate(concepts.handles)})
     meta = dict(concepts.residuals.metadata) if concepts.residuals is not None else {}
     meta.update({"technique": "concept-set", "tokens": json.dumps(concepts.tokens),
-                 "class_words": json.dumps(concepts.class_words), "base_family": concepts.family})
+                 "class_words": json.dumps(concepts.class_words), "base_family": concepts.family,
+                 "start_phrases": json.dumps(concepts.start_phrases)})
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(sd, tmp, metadata={k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
@@ -445,7 +507,7 @@ def load_concepts(path: str) -> ConceptSet:
     lora = {k: v for k, v in sd.items() if not k.startswith(HANDLE_KEY)}
     residuals = None
     if lora:
-        rmeta = {k: v for k, v in meta.items() if k not in ("tokens", "class_words", "technique")}
+        rmeta = {k: v for k, v in meta.items() if k not in ("tokens", "class_words", "technique", "start_phrases")}
         residuals = from_state_dict(lora, rmeta)
     return ConceptSet(tokens, handles, None, residuals, json.loads(meta.get("class_words", "[]")), [],
-                      meta.get("base_family", ""))
+                      meta.get("base_family", ""), json.loads(meta.get("start_phrases", "[]")))

@@ -127,6 +127,13 @@ class ExtractMasks(io.ComfyNode):
         return io.NodeOutput(masks, ui=ui.PreviewImage(segmentation_preview(image, masks), cls=cls))
 
 
+def candidate_row(clip, phrase: str) -> torch.Tensor:
+    """[D]: the phrase's last word's row in ``candidate_prompt(phrase)`` (a handle search candidate)."""
+    prompt = X.candidate_prompt(phrase)
+    pos = P.concept_positions(clip, prompt, [phrase.split()[-1]])
+    return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()[0, max(pos)]
+
+
 def _context_override(state):
     """A DIFFUSION_MODEL wrapper feeding the training step's conditioning (with the handles) to the UNet."""
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -179,6 +186,12 @@ class LearnConcepts(io.ComfyNode):
                                  tooltip="Also flip views horizontally (off when left and right matter)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds handles' training, crops, noise and subsets: same seed, same result."),
+                io.String.Input("start_phrases", default="", optional=True,
+                                tooltip="Optional comma-separated guesses of what the concepts are ('a red mug, "
+                                        "a black dog, a striped sock'): each handle starts from the guess whose "
+                                        "last word's encoding best explains its mask (lowest masked loss on fixed "
+                                        "noise) instead of its own word's. Empty: no search. Each guess costs 8 "
+                                        "model calls per concept."),
             ],
             outputs=[
                 Concepts.Output(display_name="concepts", tooltip="The learned concepts; sample with Apply Concepts."),
@@ -189,7 +202,7 @@ class LearnConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, masks, words, class_words, handle_steps, joint_steps,
-                attention_weight, union_sampling, batch_size, resolution, views, flip, seed):
+                attention_weight, union_sampling, batch_size, resolution, views, flip, seed, start_phrases=""):
         image = one_image(image)
         if masks.ndim == 2:
             masks = masks[None]
@@ -212,16 +225,21 @@ class LearnConcepts(io.ComfyNode):
                 prompt = X.subset_prompt(phrases, sub)
                 contexts[sub] = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
                 positions[sub] = [P.concept_positions(clip, prompt, [tokens[i]]) for i in sub]
-            handles = []
+            handles, single_contexts, single_positions = [], [], []
             for i in range(len(tokens)):
                 prompt = X.subset_prompt(phrases, (i,))
                 ctx = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
-                handles.append(ctx[0, P.concept_positions(clip, prompt, [tokens[i]])].clone())
+                single_contexts.append(ctx)
+                single_positions.append(P.concept_positions(clip, prompt, [tokens[i]]))
+                handles.append(ctx[0, single_positions[-1]].clone())
+            candidates = X.candidate_phrases(start_phrases)
+            rows = torch.stack([candidate_row(clip, c) for c in candidates]) if candidates else None
             view_images, vmasks = X.view_masks(training.make_views, image, masks, resolution, views, seed, flip)
             latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
             base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,))))
+        search_calls = len(candidates) * len(X.SEARCH_FRACTIONS) * 2 * len(tokens)
         total = config.handle_steps + config.joint_steps
-        progress = step_progress(total)
+        progress = step_progress(total + search_calls)
 
         family = P.model_family(model)
         with torch.inference_mode(False), torch.enable_grad():
@@ -229,6 +247,8 @@ class LearnConcepts(io.ComfyNode):
             lat_masks = F.interpolate(vmasks.clone(), size=latents.shape[-2:], mode="bilinear", align_corners=False)
             contexts = {k: v.clone() for k, v in contexts.items()}
             handles = [h.clone() for h in handles]
+            single_contexts = [c.clone() for c in single_contexts]
+            rows = rows.clone() if rows is not None else None
             mp, device = training_patcher(model)
             state: dict = {}
             mp.add_wrapper_with_key(P.DIFFUSION_MODEL, P.WRAPPER_KEY + "-handles", _context_override(state))
@@ -239,6 +259,7 @@ class LearnConcepts(io.ComfyNode):
                         "class_word": ",".join(cws)}
                 rs = R.init_residuals([s for s, _ in sites], seed=seed, device=device, metadata=meta)
             handles = [h.to(device) for h in handles]
+            chosen: list[str] = []
 
             def train(predict_x0, model_wrap, latent, table):
                 ac = 1.0 / (1.0 + table ** 2)
@@ -248,14 +269,29 @@ class LearnConcepts(io.ComfyNode):
                     a = ac[t].view(-1, 1, 1, 1)
                     return predict_x0(x_t / a.sqrt(), table[t])
 
+                masks_here = lat_masks.to(latent.device)
+                if rows is not None:
+                    scores = []
+                    for i in range(len(tokens)):
+                        def search_progress(step, n, loss, done=i * search_calls // len(tokens)):
+                            progress(done + step, total + search_calls, loss)
+                        scores.append(X.handle_search_losses(predict, latent.float(), masks_here[:, i:i + 1],
+                                                             single_contexts[i], single_positions[i], rows, ac, "x0",
+                                                             progress=search_progress))
+                    chosen.extend(candidates[j] for j in X.start_handles(handles, rows, scores))
+                    log.info("handles start from: %s",
+                             ", ".join(f"{t} <- {c}" for t, c in zip(tokens, chosen, strict=True)))
+
+                def train_progress(step, n, loss):
+                    progress(search_calls + step, total + search_calls, loss)
                 gate = ResidualGate(sites, rs) if rs is not None else None
                 try:
                     if gate is not None:
                         gate.install()
                     with X.HandleAttention(sites) as att:
-                        return X.train_concepts(predict, latent.float(), lat_masks.to(latent.device), contexts,
+                        return X.train_concepts(predict, latent.float(), masks_here, contexts,
                                                 positions, handles, rs.parameters() if rs is not None else [], ac,
-                                                "x0", config, att, progress)
+                                                "x0", config, att, train_progress)
                 finally:
                     if gate is not None:
                         gate.remove()
@@ -265,7 +301,7 @@ class LearnConcepts(io.ComfyNode):
             rs = rs.detached()
             for layer in rs.layers.values():
                 layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
-        concepts = X.ConceptSet(tokens, [h.detach().cpu() for h in handles], masks, rs, cws, losses, family)
+        concepts = X.ConceptSet(tokens, [h.detach().cpu() for h in handles], masks, rs, cws, losses, family, chosen)
         log.info("learned %d concepts: loss %.4f -> %.4f", len(tokens), losses[0], losses[-1])
         curve = line_plot(losses)
         return io.NodeOutput(concepts, masks, curve, ui=ui.PreviewImage(curve, cls=cls))

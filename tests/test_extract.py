@@ -214,3 +214,72 @@ def test_skipping_layers_the_grid_never_uses_changes_no_mask(sd1_unet, vae, toke
     # no layer narrow enough (max_width 8): every layer is recorded instead (draw 0 once more), as without a limit
     sums, counts = record_self_attention(unet_sites(sd1_unet), hw, run_draw, 2, max_width=8)
     assert counts == all_counts and all(torch.equal(sums[n], all_sums[n]) for n in all_sums)
+
+
+# ----------------------------------------------------------------------------- handle search
+def object_predictor(latents: torch.Tensor, mask: torch.Tensor, position: int, wrong_outside: bool = True):
+    """A 'model' whose x0 guess is the latents scaled by the first value of the row at ``position``: the row
+    with value 1 explains the image exactly (eps loss 0), others by |value - 1|. Outside ``mask`` it is wrong
+    whatever the row, which the masked search must ignore."""
+    ac = torch.linspace(0.99, 0.01, 1000)
+
+    def predict(x_t, t, ctx):
+        a = ac[t].view(-1, 1, 1, 1)
+        x0 = latents * ctx[:, position, 0].view(-1, 1, 1, 1)
+        if wrong_outside:
+            x0 = torch.where(mask.bool().expand_as(x0), x0, x0 + 5.0)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    return predict, ac
+
+
+def test_the_handle_search_picks_the_row_that_explains_the_masked_object():
+    from core.extract import handle_search_losses, start_handles
+
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1
+    predict, ac = object_predictor(latents, mask, position=4)
+    rows = torch.zeros(4, 16)
+    rows[:, 0] = torch.tensor([0.5, 2.0, 1.0, 0.8])
+    context = torch.randn(1, 10, 16)
+    losses = handle_search_losses(predict, latents, mask, context, [4], rows, ac)
+    assert int(losses.argmin()) == 2 and float(losses[2]) < 1e-8
+    assert losses.argsort().tolist() == [2, 3, 0, 1]  # order of |value - 1| (the loss grows with the x0 error)
+    assert torch.equal(losses, handle_search_losses(predict, latents, mask, context, [4], rows, ac))
+    handle = torch.full((2, 16), 7.0)  # a word of two sub-tokens: both rows start from the chosen candidate
+    assert start_handles([handle], rows, [losses]) == [2]
+    assert torch.equal(handle, rows[2].expand(2, -1))
+
+
+def test_the_handle_search_says_when_the_model_gives_nans():
+    from core.extract import handle_search_losses
+    from core.training import TrainingDivergedError
+
+    latents = torch.randn(1, 4, 8, 8)
+    mask = torch.ones(1, 1, 8, 8)
+    with pytest.raises(TrainingDivergedError, match="not finite"):
+        handle_search_losses(lambda x, t, c: x * float("nan"), latents, mask, torch.zeros(1, 6, 8), [2],
+                             torch.zeros(2, 8), torch.linspace(0.99, 0.01, 1000))
+
+
+def test_extraction_starts_each_handle_from_its_best_candidate(sd1_unet, vae, tokenizer, text_encoder,
+                                                                two_object_image, tmp_path):
+    from core.extract import candidate_phrases, load_concepts, save_concepts
+    from core.patching.diffusers import candidate_rows
+
+    img, masks = two_object_image
+    phrases = candidate_phrases(" a red square, a blue circle ,, a dog ")
+    assert phrases == ["a red square", "a blue circle", "a dog"]
+    cfg = ExtractConfig(handle_steps=0, joint_steps=0, seed=1)  # no training: the handles are the start
+    cs = extract_concepts(sd1_unet, vae, tokenizer, text_encoder, img, masks, ["sks", "toy"], resolution=32,
+                          views=2, flip=False, config=cfg, start_phrases=phrases)
+    rows = candidate_rows(tokenizer, text_encoder, phrases)
+    assert len(cs.start_phrases) == 2 and all(p in phrases for p in cs.start_phrases)
+    for handle, chosen in zip(cs.handles, cs.start_phrases, strict=True):
+        assert torch.equal(handle, rows[phrases.index(chosen)].expand_as(handle))
+    plain = extract_concepts(sd1_unet, vae, tokenizer, text_encoder, img, masks, ["sks", "toy"], resolution=32,
+                             views=2, flip=False, config=cfg)
+    assert plain.start_phrases == [] and not torch.equal(plain.handles[0], cs.handles[0])
+    path = str(tmp_path / "started.safetensors")
+    save_concepts(cs, path)
+    assert load_concepts(path).start_phrases == cs.start_phrases

@@ -153,8 +153,12 @@ def self_attention_masks(unet, vae, tokenizer, text_encoder, image: torch.Tensor
 def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, masks: torch.Tensor,
                      tokens: list[str], class_words: list[str] | None = None, resolution: int = 512, views: int = 4,
                      flip: bool = True, config=None, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
-                     prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None, progress=None):
-    """Learn one handle per mask (and shared residuals) from one image [1, H, W, 3] and masks [K, H, W]."""
+                     prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None, progress=None,
+                     start_phrases: list[str] | None = None):
+    """Learn one handle per mask (and shared residuals) from one image [1, H, W, 3] and masks [K, H, W].
+
+    ``start_phrases``: candidate phrases ('a red circle', 'a dog'); each handle starts from the candidate row
+    that best explains its mask (``core.extract.handle_search_losses``) instead of its own word's row."""
     import torch.nn.functional as F
 
     from ..extract import (
@@ -162,6 +166,8 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
         ExtractConfig,
         HandleAttention,
         check_masks,
+        handle_search_losses,
+        start_handles,
         subset_prompt,
         subsets,
         train_concepts,
@@ -177,11 +183,13 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
         prompt = subset_prompt(phrases, sub)
         contexts[sub] = encode_text(tokenizer, text_encoder, [prompt]).float()
         positions[sub] = [concept_positions(tokenizer, prompt, [tokens[i]]) for i in sub]
-    handles = []  # each starts as its word's encoding in 'a photo of <word>'
+    handles, contexts_i, positions_i = [], [], []  # each starts as its word's encoding in 'a photo of <word>'
     for i in range(len(tokens)):
         prompt = subset_prompt(phrases, (i,))
         ctx = encode_text(tokenizer, text_encoder, [prompt]).float()
-        handles.append(ctx[0, concept_positions(tokenizer, prompt, [tokens[i]])].clone())
+        contexts_i.append(ctx)
+        positions_i.append(concept_positions(tokenizer, prompt, [tokens[i]]))
+        handles.append(ctx[0, positions_i[-1]].clone())
     sites = unet_sites(unet)
     rs = None
     if config.joint_steps > 0:
@@ -198,6 +206,12 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
     def predict(x_t, t, ctx):
         return unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx.to(unet.dtype)).sample
 
+    chosen: list[str] = []
+    if start_phrases:
+        rows = candidate_rows(tokenizer, text_encoder, start_phrases)
+        scores = [handle_search_losses(predict, latents, lat_masks[:, i:i + 1], contexts_i[i], positions_i[i], rows,
+                                       ac, prediction) for i in range(len(tokens))]
+        chosen = [start_phrases[j] for j in start_handles(handles, rows, scores)]
     gate = ResidualGate(sites, rs) if rs is not None else None
     try:
         if gate is not None:
@@ -209,7 +223,19 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
         if gate is not None:
             gate.remove()
     return ConceptSet(tokens, [h.detach() for h in handles], masks, rs.detached() if rs is not None else None,
-                      list(class_words), losses)
+                      list(class_words), losses, start_phrases=chosen)
+
+
+def candidate_rows(tokenizer, text_encoder, phrases: list[str]) -> torch.Tensor:
+    """[C, D]: each phrase's last word's row in ``candidate_prompt(phrase)`` (the handle search's candidates)."""
+    from ..extract import candidate_prompt
+
+    rows = []
+    for phrase in phrases:
+        prompt = candidate_prompt(phrase)
+        pos = concept_positions(tokenizer, prompt, [phrase.split()[-1]])
+        rows.append(encode_text(tokenizer, text_encoder, [prompt]).float()[0, max(pos)])
+    return torch.stack(rows)
 
 
 def concept_context(tokenizer, text_encoder, concepts, prompt: str):
