@@ -118,6 +118,27 @@ def test_handles_only_and_zero_strength(comfy_server):
                    ConceptsLearnConcepts={"joint_steps": 0}, ConceptsApplyConcepts={"strength": 0.0})
 
 
+def test_handles_start_from_the_given_phrases_and_the_file_says_which(comfy_server):
+    """The supervised workflow's start phrases reach the saved file: one chosen phrase per concept, from the list."""
+    import json
+
+    from safetensors import safe_open
+
+    from .test_learn_localize import add_inputs
+
+    add_inputs(comfy_server)
+    p = workflow_prompt("extract_concepts_supervised", SD15)
+    phrases = [x.strip() for x in p[node_id(p, "ConceptsLearnConcepts")]["inputs"]["start_phrases"].split(",")]
+    assert len(phrases) >= 2
+    comfy_server.run(p)
+    name = p[node_id(p, "ConceptsSaveConcepts")]["inputs"]["save_name"]
+    path = comfy_server.base_dir / "models" / "loras" / f"{name}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        chosen = json.loads(f.metadata()["start_phrases"])
+    assert len(chosen) == 2 and set(chosen) <= set(phrases)
+    assert "handles start from: sks <- " in comfy_server.log_text()
+
+
 @pytest.mark.parametrize("by_class, message", [
     ({"ConceptsApplyConcepts": {"text": "a photo of a dog"}}, "names none of the concepts; write one of: sks, ohwx"),
     ({"ConceptsLearnConcepts": {"words": "sks"}}, "1 words for 2 concepts"),
