@@ -119,7 +119,8 @@ def test_handles_only_and_zero_strength(comfy_server):
 
 
 def test_handles_start_from_the_given_phrases_and_the_file_says_which(comfy_server):
-    """The supervised workflow's start phrases reach the saved file: one chosen phrase per concept, from the list."""
+    """The supervised workflow's start phrases reach the saved file: one chosen phrase per concept, from the list;
+    a prompt without the input searches nothing (as before the input existed)."""
     import json
 
     from safetensors import safe_open
@@ -130,13 +131,19 @@ def test_handles_start_from_the_given_phrases_and_the_file_says_which(comfy_serv
     p = workflow_prompt("extract_concepts_supervised", SD15)
     phrases = [x.strip() for x in p[node_id(p, "ConceptsLearnConcepts")]["inputs"]["start_phrases"].split(",")]
     assert len(phrases) >= 2
-    comfy_server.run(p)
-    name = p[node_id(p, "ConceptsSaveConcepts")]["inputs"]["save_name"]
-    path = comfy_server.base_dir / "models" / "loras" / f"{name}.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        chosen = json.loads(f.metadata()["start_phrases"])
+
+    def saved_start_phrases(prompt):
+        comfy_server.run(prompt)
+        name = prompt[node_id(prompt, "ConceptsSaveConcepts")]["inputs"]["save_name"]
+        with safe_open(str(comfy_server.base_dir / "models" / "loras" / f"{name}.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["start_phrases"])
+
+    chosen = saved_start_phrases(p)
     assert len(chosen) == 2 and set(chosen) <= set(phrases)
     assert "handles start from: sks <- " in comfy_server.log_text()
+    old = workflow_prompt("extract_concepts_supervised", SD15)  # an API prompt saved before the input existed
+    del old[node_id(old, "ConceptsLearnConcepts")]["inputs"]["start_phrases"]
+    assert saved_start_phrases(old) == []
 
 
 @pytest.mark.parametrize("by_class, message", [
