@@ -283,3 +283,19 @@ def test_extraction_starts_each_handle_from_its_best_candidate(sd1_unet, vae, to
     path = str(tmp_path / "started.safetensors")
     save_concepts(cs, path)
     assert load_concepts(path).start_phrases == cs.start_phrases
+
+
+def test_a_concept_set_saved_before_start_phrases_existed_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.extract import ConceptSet, load_concepts, save_concepts
+
+    path, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
+    save_concepts(ConceptSet(["sks"], [torch.randn(1, 8)], start_phrases=["a red circle"]), path)
+    with safe_open(path, framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "start_phrases"}
+        save_file({k: f.get_tensor(k) for k in f.keys()}, old, metadata=meta)
+    assert load_concepts(path).start_phrases == ["a red circle"]
+    back = load_concepts(old)
+    assert back.start_phrases == [] and back.tokens == ["sks"]
