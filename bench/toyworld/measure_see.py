@@ -10,7 +10,9 @@ Rows (two-object held-out scenes, true renders):
   2 concepts, empty prompt) vs the true object masks, matched left to right; mean IoU.
 - extracted concepts alone: ``extract_concepts`` with the scene's true masks (and, second row, with the
   unsupervised masks), then each concept sampled alone ("a photo of <word>") with its handle and the shared
-  residuals under LAG; recognised = the judge finds an object of the concept's colour and shape.
+  residuals under LAG; recognised = the judge finds an object of the concept's colour and shape. Each handle
+  starts from the best-explaining of ``toy_start_phrases()`` (the handle search; ``--start-phrases none``: from
+  its own word's row).
 - the same objects in their own words ("a photo of a red circle"), no learning: what the base model itself reaches
   with that prompt form, the ceiling of the extraction rows.
 
