@@ -231,7 +231,7 @@ class ConceptSet:
     class_words: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     family: str = ""
-    start_phrases: list[str] = field(default_factory=list)  # the candidate each handle started from ("" = its word)
+    start_phrases: list[str] = field(default_factory=list)  # the candidate each handle started from (empty: none)
 
     def phrase(self, i: int) -> str:
         cw = self.class_words[i] if i < len(self.class_words) else ""
@@ -393,6 +393,7 @@ def train_concepts(predict, latents: torch.Tensor, masks: torch.Tensor, contexts
 
 
 SEARCH_FRACTIONS = (0.3, 0.5, 0.7, 0.9)  # noise levels the handle search scores at (toy validation: 300-900 of 1000)
+SEARCH_DRAWS = 2  # fixed noises per level: a candidate costs len(SEARCH_FRACTIONS) * SEARCH_DRAWS model calls
 
 
 def candidate_prompt(phrase: str) -> str:
@@ -409,8 +410,8 @@ def candidate_phrases(text: str) -> list[str]:
 @torch.no_grad()
 def handle_search_losses(predict, latents: torch.Tensor, mask: torch.Tensor, context: torch.Tensor,
                          positions: list[int], rows: torch.Tensor, alphas_cumprod: torch.Tensor,
-                         prediction: str = "eps", fractions: tuple[float, ...] = SEARCH_FRACTIONS, draws: int = 2,
-                         seed: int = 99, progress=None) -> torch.Tensor:
+                         prediction: str = "eps", fractions: tuple[float, ...] = SEARCH_FRACTIONS,
+                         draws: int = SEARCH_DRAWS, seed: int = 99, progress=None) -> torch.Tensor:
     """Masked diffusion loss [C] of each candidate row [C, D] written at the concept's ``positions`` of
     ``context`` [1, L, D]: summed over ``fractions`` of the schedule and ``draws`` fixed noises, on all views
     ``latents`` [V, C, h, w] inside ``mask`` [V, 1, h, w]. Every candidate sees the same noise (a paired

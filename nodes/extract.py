@@ -237,7 +237,7 @@ class LearnConcepts(io.ComfyNode):
             view_images, vmasks = X.view_masks(training.make_views, image, masks, resolution, views, seed, flip)
             latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
             base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,))))
-        search_calls = len(candidates) * len(X.SEARCH_FRACTIONS) * 2 * len(tokens)
+        search_calls = len(candidates) * len(X.SEARCH_FRACTIONS) * X.SEARCH_DRAWS * len(tokens)
         total = config.handle_steps + config.joint_steps
         progress = step_progress(total + search_calls)
 
