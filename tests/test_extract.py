@@ -217,7 +217,7 @@ def test_skipping_layers_the_grid_never_uses_changes_no_mask(sd1_unet, vae, toke
 
 
 # ----------------------------------------------------------------------------- handle search
-def object_predictor(latents: torch.Tensor, mask: torch.Tensor, position: int, wrong_outside: bool = True):
+def object_predictor(latents: torch.Tensor, mask: torch.Tensor, position: int):
     """A 'model' whose x0 guess is the latents scaled by the first value of the row at ``position``: the row
     with value 1 explains the image exactly (eps loss 0), others by |value - 1|. Outside ``mask`` it is wrong
     whatever the row, which the masked search must ignore."""
@@ -226,8 +226,7 @@ def object_predictor(latents: torch.Tensor, mask: torch.Tensor, position: int, w
     def predict(x_t, t, ctx):
         a = ac[t].view(-1, 1, 1, 1)
         x0 = latents * ctx[:, position, 0].view(-1, 1, 1, 1)
-        if wrong_outside:
-            x0 = torch.where(mask.bool().expand_as(x0), x0, x0 + 5.0)
+        x0 = torch.where(mask.bool().expand_as(x0), x0, x0 + 5.0)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
     return predict, ac
 

@@ -155,15 +155,15 @@ def sample_concept(unet, te, tok, concepts, word: str, seed: int) -> torch.Tenso
     return ((M.from_latents(z.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+def toy_phrase(colour: str, texture: str, shape: str) -> str:
+    """An object in the captions' form with its colour's first word: 'a red striped circle'."""
+    return f"a {S.COLOURS[colour][1][0]}{' striped' if texture == 'striped' else ''} {shape}"
+
+
 def toy_start_phrases() -> list[str]:
-    """The handle search's candidates on the toy world: every base colour (its first word), texture and shape, in
-    the captions' form ("a red striped circle"). A generous prior: the list holds every object the scenes use."""
-    return [f"a {words[0]}{' striped' if texture == 'striped' else ''} {shape}"
-            for _, words in S.COLOURS.values() for texture in S.BASE_TEXTURES for shape in S.BASE_SHAPES]
-
-
-def object_phrase(o: S.Obj) -> str:
-    return f"a {S.COLOURS[o.colour][1][0]}{' striped' if o.texture == 'striped' else ''} {o.shape}"
+    """The handle search's candidates on the toy world: every base colour, texture and shape. A generous prior:
+    the list holds every object the scenes use."""
+    return [toy_phrase(c, t, s) for c in S.COLOURS for t in S.BASE_TEXTURES for s in S.BASE_SHAPES]
 
 
 def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bool, config: ExtractConfig,
@@ -181,7 +181,8 @@ def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bo
                                       views=4, flip=False, config=config, prediction="v",
                                       alphas_cumprod=M.train_alphas_cumprod(), start_phrases=start_phrases)
         seconds.append(time.time() - t0)
-        exact.extend(p == object_phrase(o) for p, o in zip(concepts.start_phrases, sc.objects, strict=False))
+        exact.extend(p == toy_phrase(o.colour, o.texture, o.shape)
+                     for p, o in zip(concepts.start_phrases, sc.objects, strict=False))
         for i, o in enumerate(sc.objects):
             for seed in SAMPLE_SEEDS:
                 img = sample_concept(unet, te, tok, concepts, concepts.tokens[i], seed)
