@@ -220,6 +220,9 @@ def check_masks(masks: torch.Tensor | None, image_hw: tuple[int, int], concepts:
 
 
 # ----------------------------------------------------------------------------- handles and training
+DEFAULT_SENTENCE = "a photo of {}"  # Break-A-Scene's; '{}' is where the concepts' words go
+
+
 @dataclass
 class ConceptSet:
     """Extracted concepts: a word and a handle [sub-tokens, D] per concept, masks [K, H, W], shared residuals."""
@@ -232,6 +235,7 @@ class ConceptSet:
     losses: list[float] = field(default_factory=list)
     family: str = ""
     start_phrases: list[str] = field(default_factory=list)  # the candidate each handle started from (empty: none)
+    sentence: str = DEFAULT_SENTENCE  # the sentence the concepts were learned in
 
     def phrase(self, i: int) -> str:
         cw = self.class_words[i] if i < len(self.class_words) else ""
@@ -252,9 +256,18 @@ def concept_tokens(text: str, count: int) -> list[str]:
     return given
 
 
-def subset_prompt(phrases: list[str], subset: tuple[int, ...]) -> str:
-    """Break-A-Scene's prompt for a subset of concepts: 'a photo of <a> and <b>'."""
-    return "a photo of " + " and ".join(phrases[i] for i in subset)
+def check_sentence(sentence: str | None) -> str:
+    """The sentence concepts are learned in, '{}' marking their words once; empty: Break-A-Scene's."""
+    text = (sentence or "").strip() or DEFAULT_SENTENCE
+    if text.count("{}") != 1:
+        raise ExtractionError(f"the sentence {text!r} needs exactly one {{}} where the concepts' words go, "
+                              "e.g. 'a photo of {}' or '{} on a wooden table'")
+    return text
+
+
+def subset_prompt(phrases: list[str], subset: tuple[int, ...], sentence: str = DEFAULT_SENTENCE) -> str:
+    """The prompt for a subset of concepts: the sentence around '<a> and <b>' (Break-A-Scene: 'a photo of {}')."""
+    return sentence.replace("{}", " and ".join(phrases[i] for i in subset))
 
 
 def subsets(count: int) -> list[tuple[int, ...]]:
@@ -396,10 +409,12 @@ SEARCH_FRACTIONS = (0.3, 0.5, 0.7, 0.9)  # noise levels the handle search scores
 SEARCH_DRAWS = 2  # fixed noises per level: a candidate costs len(SEARCH_FRACTIONS) * SEARCH_DRAWS model calls
 
 
-def candidate_prompt(phrase: str) -> str:
-    """The prompt a candidate phrase is encoded in; its last word's row is the candidate ('a red circle' -> the
-    row of 'circle' in 'a photo of a red circle', which has read the words before it)."""
-    return f"a photo of {phrase.strip()}"
+def candidate_prompt(phrase: str, sentence: str = DEFAULT_SENTENCE) -> tuple[str, str]:
+    """(the prompt a candidate phrase is encoded in, that prompt cut after the phrase). The phrase's last word's
+    row is the candidate ('a red circle' -> the row of 'circle' in 'a photo of a red circle', which has read the
+    words before it); its position is found in the cut prompt, so a word the sentence repeats later is skipped."""
+    head = sentence.split("{}")[0] + phrase.strip()
+    return sentence.replace("{}", phrase.strip()), head
 
 
 def candidate_phrases(text: str) -> list[str]:
@@ -483,7 +498,7 @@ def save_concepts(concepts: ConceptSet, path: str, overwrite: bool = False) -> s
     meta = dict(concepts.residuals.metadata) if concepts.residuals is not None else {}
     meta.update({"technique": "concept-set", "tokens": json.dumps(concepts.tokens),
                  "class_words": json.dumps(concepts.class_words), "base_family": concepts.family,
-                 "start_phrases": json.dumps(concepts.start_phrases)})
+                 "start_phrases": json.dumps(concepts.start_phrases), "sentence": concepts.sentence})
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(sd, tmp, metadata={k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
@@ -508,7 +523,9 @@ def load_concepts(path: str) -> ConceptSet:
     lora = {k: v for k, v in sd.items() if not k.startswith(HANDLE_KEY)}
     residuals = None
     if lora:
-        rmeta = {k: v for k, v in meta.items() if k not in ("tokens", "class_words", "technique", "start_phrases")}
+        rmeta = {k: v for k, v in meta.items() if k not in ("tokens", "class_words", "technique", "start_phrases",
+                                                       "sentence")}
         residuals = from_state_dict(lora, rmeta)
     return ConceptSet(tokens, handles, None, residuals, json.loads(meta.get("class_words", "[]")), [],
-                      meta.get("base_family", ""), json.loads(meta.get("start_phrases", "[]")))
+                      meta.get("base_family", ""), json.loads(meta.get("start_phrases", "[]")),
+                      meta.get("sentence", DEFAULT_SENTENCE))

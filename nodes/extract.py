@@ -127,10 +127,10 @@ class ExtractMasks(io.ComfyNode):
         return io.NodeOutput(masks, ui=ui.PreviewImage(segmentation_preview(image, masks), cls=cls))
 
 
-def candidate_row(clip, phrase: str) -> torch.Tensor:
-    """[D]: the phrase's last word's row in ``candidate_prompt(phrase)`` (a handle search candidate)."""
-    prompt = X.candidate_prompt(phrase)
-    pos = P.concept_positions(clip, prompt, [phrase.split()[-1]])
+def candidate_row(clip, phrase: str, sentence: str = X.DEFAULT_SENTENCE) -> torch.Tensor:
+    """[D]: the phrase's last word's row in ``candidate_prompt(phrase, sentence)`` (a handle search candidate)."""
+    prompt, head = X.candidate_prompt(phrase, sentence)
+    pos = P.concept_positions(clip, head, [phrase.split()[-1]])
     return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()[0, max(pos)]
 
 
@@ -166,8 +166,8 @@ class LearnConcepts(io.ComfyNode):
                                 tooltip="Comma-separated words for the concepts, one per mask; empty: sks, ohwx, "
                                         "zwx, ..."),
                 io.String.Input("class_words", default="",
-                                tooltip="Optional comma-separated class words ('dog, mug'), one per mask: prompts "
-                                        "become 'a photo of <word> <class>'."),
+                                tooltip="Optional comma-separated class words ('dog, mug'), one per mask: '<word> "
+                                        "<class>' goes into the sentence."),
                 io.Int.Input("handle_steps", default=100, min=0, max=5000,
                              tooltip="Phase 1: steps training the handles alone (Break-A-Scene: ~400)."),
                 io.Int.Input("joint_steps", default=150, min=0, max=5000,
@@ -192,6 +192,12 @@ class LearnConcepts(io.ComfyNode):
                                         "last word's encoding best explains its mask (lowest masked loss on fixed "
                                         "noise) instead of its own word's. Empty: no search. Each guess costs 8 "
                                         "model calls per concept."),
+                io.String.Input("sentence", default=X.DEFAULT_SENTENCE, optional=True,
+                                tooltip="The sentence the concepts are learned in; {} is where their words go "
+                                        "('{} on a wooden table' gives 'sks and ohwx on a wooden table'). Words "
+                                        "that describe the rest of the image help the model explain it; sample "
+                                        "the concepts in the same sentence. Empty: 'a photo of {}' "
+                                        "(Break-A-Scene's)."),
             ],
             outputs=[
                 Concepts.Output(display_name="concepts", tooltip="The learned concepts; sample with Apply Concepts."),
@@ -202,7 +208,8 @@ class LearnConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, masks, words, class_words, handle_steps, joint_steps,
-                attention_weight, union_sampling, batch_size, resolution, views, flip, seed, start_phrases=""):
+                attention_weight, union_sampling, batch_size, resolution, views, flip, seed, start_phrases="",
+                sentence=X.DEFAULT_SENTENCE):
         image = one_image(image)
         if masks.ndim == 2:
             masks = masks[None]
@@ -210,6 +217,7 @@ class LearnConcepts(io.ComfyNode):
             log.warning("masks %s resized to the image %s", tuple(masks.shape[1:]), tuple(image.shape[1:3]))
             masks = F.interpolate(masks[:, None].float(), size=image.shape[1:3], mode="bilinear")[:, 0]
         masks = X.check_masks(masks.cpu(), tuple(image.shape[1:3]))
+        sentence = X.check_sentence(sentence)
         tokens = X.concept_tokens(words, masks.shape[0])
         cws = [c.strip() for c in (class_words or "").split(",")] if (class_words or "").strip() else [""] * len(tokens)
         if len(cws) != len(tokens):
@@ -222,21 +230,21 @@ class LearnConcepts(io.ComfyNode):
         contexts, positions = {}, {}
         with torch.no_grad():
             for sub in X.subsets(len(tokens)) if union_sampling else [tuple(range(len(tokens)))]:
-                prompt = X.subset_prompt(phrases, sub)
+                prompt = X.subset_prompt(phrases, sub, sentence)
                 contexts[sub] = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
                 positions[sub] = [P.concept_positions(clip, prompt, [tokens[i]]) for i in sub]
             handles, single_contexts, single_positions = [], [], []
             for i in range(len(tokens)):
-                prompt = X.subset_prompt(phrases, (i,))
+                prompt = X.subset_prompt(phrases, (i,), sentence)
                 ctx = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
                 single_contexts.append(ctx)
                 single_positions.append(P.concept_positions(clip, prompt, [tokens[i]]))
                 handles.append(ctx[0, single_positions[-1]].clone())
             candidates = X.candidate_phrases(start_phrases)
-            rows = torch.stack([candidate_row(clip, c) for c in candidates]) if candidates else None
+            rows = torch.stack([candidate_row(clip, c, sentence) for c in candidates]) if candidates else None
             view_images, vmasks = X.view_masks(training.make_views, image, masks, resolution, views, seed, flip)
             latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
-            base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,))))
+            base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,), sentence)))
         search_calls = len(candidates) * len(X.SEARCH_FRACTIONS) * X.SEARCH_DRAWS * len(tokens)
         total = config.handle_steps + config.joint_steps
         progress = step_progress(total + search_calls)
@@ -301,7 +309,8 @@ class LearnConcepts(io.ComfyNode):
             rs = rs.detached()
             for layer in rs.layers.values():
                 layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
-        concepts = X.ConceptSet(tokens, [h.detach().cpu() for h in handles], masks, rs, cws, losses, family, chosen)
+        concepts = X.ConceptSet(tokens, [h.detach().cpu() for h in handles], masks, rs, cws, losses, family, chosen,
+                                sentence)
         log.info("learned %d concepts: loss %.4f -> %.4f", len(tokens), losses[0], losses[-1])
         curve = line_plot(losses)
         return io.NodeOutput(concepts, masks, curve, ui=ui.PreviewImage(curve, cls=cls))

@@ -284,7 +284,7 @@ def test_extraction_starts_each_handle_from_its_best_candidate(sd1_unet, vae, to
     assert load_concepts(path).start_phrases == cs.start_phrases
 
 
-def test_a_concept_set_saved_before_start_phrases_existed_loads(tmp_path):
+def test_a_concept_set_saved_before_start_phrases_and_sentences_existed_loads(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -293,8 +293,54 @@ def test_a_concept_set_saved_before_start_phrases_existed_loads(tmp_path):
     path, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
     save_concepts(ConceptSet(["sks"], [torch.randn(1, 8)], start_phrases=["a red circle"]), path)
     with safe_open(path, framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "start_phrases"}
+        meta = {k: v for k, v in f.metadata().items() if k not in ("start_phrases", "sentence")}
         save_file({k: f.get_tensor(k) for k in f.keys()}, old, metadata=meta)
     assert load_concepts(path).start_phrases == ["a red circle"]
     back = load_concepts(old)
-    assert back.start_phrases == [] and back.tokens == ["sks"]
+    assert back.start_phrases == [] and back.tokens == ["sks"] and back.sentence == "a photo of {}"
+
+
+def test_the_sentence_places_the_concepts_words_and_a_bad_one_says_what_to_fix():
+    from core.extract import DEFAULT_SENTENCE, check_sentence, subset_prompt
+
+    assert check_sentence("") == DEFAULT_SENTENCE == "a photo of {}"
+    assert check_sentence(" {} on a wooden table ") == "{} on a wooden table"
+    for bad in ("a photo of sks", "{} and {}"):
+        with pytest.raises(ExtractionError, match="exactly one"):
+            check_sentence(bad)
+    assert subset_prompt(["sks", "ohwx"], (0, 1), "{} on a wooden table") == "sks and ohwx on a wooden table"
+    assert subset_prompt(["sks", "ohwx"], (1,)) == "a photo of ohwx"  # Break-A-Scene's, as before
+
+
+def test_a_candidate_row_is_its_phrase_s_word_even_when_the_sentence_repeats_it(tokenizer, text_encoder):
+    from core.patching.diffusers import candidate_rows, concept_positions, encode_text
+
+    rows = candidate_rows(tokenizer, text_encoder, ["a red circle"], "{} next to a circle")
+    full = encode_text(tokenizer, text_encoder, ["a red circle next to a circle"]).float()[0]
+    first = concept_positions(tokenizer, "a red circle", ["circle"])  # the word's sub-tokens, first occurrence
+    both = concept_positions(tokenizer, "a red circle next to a circle", ["circle"])
+    assert len(both) == 2 * len(first)
+    assert torch.equal(rows[0], full[max(first)]) and not torch.equal(rows[0], full[max(both)])
+
+
+def test_concepts_are_learned_in_the_given_sentence_and_the_file_keeps_it(sd1_unet, vae, tokenizer, text_encoder,
+                                                                         two_object_image, tmp_path):
+    from core.extract import load_concepts, save_concepts
+    from core.patching.diffusers import concept_positions, encode_text
+
+    img, masks = two_object_image
+    cfg = ExtractConfig(handle_steps=0, joint_steps=0, seed=1)  # no training: each handle is its word's row
+    cs = extract_concepts(sd1_unet, vae, tokenizer, text_encoder, img, masks, ["sks", "toy"], resolution=32,
+                          views=2, flip=False, config=cfg, sentence="{} on a wooden table")
+    prompt = "sks on a wooden table"
+    row = encode_text(tokenizer, text_encoder, [prompt]).float()[0, concept_positions(tokenizer, prompt, ["sks"])]
+    assert torch.equal(cs.handles[0], row) and cs.sentence == "{} on a wooden table"
+    plain = extract_concepts(sd1_unet, vae, tokenizer, text_encoder, img, masks, ["sks", "toy"], resolution=32,
+                             views=2, flip=False, config=cfg)
+    assert plain.sentence == "a photo of {}" and not torch.equal(plain.handles[0], cs.handles[0])
+    path = str(tmp_path / "table.safetensors")
+    save_concepts(cs, path)
+    assert load_concepts(path).sentence == "{} on a wooden table"
+    with pytest.raises(ExtractionError, match="exactly one"):
+        extract_concepts(sd1_unet, vae, tokenizer, text_encoder, img, masks, ["sks", "toy"], resolution=32,
+                         views=2, flip=False, config=cfg, sentence="on a wooden table")

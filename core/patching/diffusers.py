@@ -154,11 +154,12 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
                      tokens: list[str], class_words: list[str] | None = None, resolution: int = 512, views: int = 4,
                      flip: bool = True, config=None, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
                      prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None, progress=None,
-                     start_phrases: list[str] | None = None):
+                     start_phrases: list[str] | None = None, sentence: str = "a photo of {}"):
     """Learn one handle per mask (and shared residuals) from one image [1, H, W, 3] and masks [K, H, W].
 
     ``start_phrases``: candidate phrases ('a red circle', 'a dog'); each handle starts from the candidate row
-    that best explains its mask (``core.extract.handle_search_losses``) instead of its own word's row."""
+    that best explains its mask (``core.extract.handle_search_losses``) instead of its own word's row.
+    ``sentence``: what the concepts are learned in, '{}' for their words ('{} on a wooden table')."""
     import torch.nn.functional as F
 
     from ..extract import (
@@ -166,6 +167,7 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
         ExtractConfig,
         HandleAttention,
         check_masks,
+        check_sentence,
         handle_search_losses,
         start_handles,
         subset_prompt,
@@ -176,16 +178,17 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
 
     config = config or ExtractConfig()
     masks = check_masks(masks, tuple(image.shape[1:3]), len(tokens))
+    sentence = check_sentence(sentence)
     class_words = class_words or [""] * len(tokens)
     phrases = [f"{t} {c}".strip() for t, c in zip(tokens, class_words, strict=True)]
     contexts, positions = {}, {}
     for sub in subsets(len(tokens)) if config.union_sampling else [tuple(range(len(tokens)))]:
-        prompt = subset_prompt(phrases, sub)
+        prompt = subset_prompt(phrases, sub, sentence)
         contexts[sub] = encode_text(tokenizer, text_encoder, [prompt]).float()
         positions[sub] = [concept_positions(tokenizer, prompt, [tokens[i]]) for i in sub]
-    handles, contexts_i, positions_i = [], [], []  # each starts as its word's encoding in 'a photo of <word>'
+    handles, contexts_i, positions_i = [], [], []  # each starts as its word's encoding in the sentence alone
     for i in range(len(tokens)):
-        prompt = subset_prompt(phrases, (i,))
+        prompt = subset_prompt(phrases, (i,), sentence)
         ctx = encode_text(tokenizer, text_encoder, [prompt]).float()
         contexts_i.append(ctx)
         positions_i.append(concept_positions(tokenizer, prompt, [tokens[i]]))
@@ -208,7 +211,7 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
 
     chosen: list[str] = []
     if start_phrases:
-        rows = candidate_rows(tokenizer, text_encoder, start_phrases)
+        rows = candidate_rows(tokenizer, text_encoder, start_phrases, sentence)
         scores = [handle_search_losses(predict, latents, lat_masks[:, i:i + 1], contexts_i[i], positions_i[i], rows,
                                        ac, prediction) for i in range(len(tokens))]
         chosen = [start_phrases[j] for j in start_handles(handles, rows, scores)]
@@ -223,17 +226,17 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
         if gate is not None:
             gate.remove()
     return ConceptSet(tokens, [h.detach() for h in handles], masks, rs.detached() if rs is not None else None,
-                      list(class_words), losses, start_phrases=chosen)
+                      list(class_words), losses, start_phrases=chosen, sentence=sentence)
 
 
-def candidate_rows(tokenizer, text_encoder, phrases: list[str]) -> torch.Tensor:
-    """[C, D]: each phrase's last word's row in ``candidate_prompt(phrase)`` (the handle search's candidates)."""
+def candidate_rows(tokenizer, text_encoder, phrases: list[str], sentence: str = "a photo of {}") -> torch.Tensor:
+    """[C, D]: each phrase's last word's row in ``candidate_prompt(phrase, sentence)`` (the search's candidates)."""
     from ..extract import candidate_prompt
 
     rows = []
     for phrase in phrases:
-        prompt = candidate_prompt(phrase)
-        pos = concept_positions(tokenizer, prompt, [phrase.split()[-1]])
+        prompt, head = candidate_prompt(phrase, sentence)
+        pos = concept_positions(tokenizer, head, [phrase.split()[-1]])
         rows.append(encode_text(tokenizer, text_encoder, [prompt]).float()[0, max(pos)])
     return torch.stack(rows)
 

@@ -132,24 +132,30 @@ def test_handles_start_from_the_given_phrases_and_the_file_says_which(comfy_serv
     phrases = [x.strip() for x in p[node_id(p, "ConceptsLearnConcepts")]["inputs"]["start_phrases"].split(",")]
     assert len(phrases) >= 2
 
-    def saved_start_phrases(prompt):
+    def saved_metadata(prompt):
         comfy_server.run(prompt)
         name = prompt[node_id(prompt, "ConceptsSaveConcepts")]["inputs"]["save_name"]
         with safe_open(str(comfy_server.base_dir / "models" / "loras" / f"{name}.safetensors"), framework="pt") as f:
-            return json.loads(f.metadata()["start_phrases"])
+            return f.metadata()
 
-    chosen = saved_start_phrases(p)
-    assert len(chosen) == 2 and set(chosen) <= set(phrases)
+    meta = saved_metadata(p)
+    chosen = json.loads(meta["start_phrases"])
+    assert len(chosen) == 2 and set(chosen) <= set(phrases) and meta["sentence"] == "a photo of {}"
     assert "handles start from: sks <- " in comfy_server.log_text()
-    old = workflow_prompt("extract_concepts_supervised", SD15)  # an API prompt saved before the input existed
-    del old[node_id(old, "ConceptsLearnConcepts")]["inputs"]["start_phrases"]
-    assert saved_start_phrases(old) == []
+    old = workflow_prompt("extract_concepts_supervised", SD15)  # an API prompt saved before the inputs existed
+    for name in ("start_phrases", "sentence"):
+        old[node_id(old, "ConceptsLearnConcepts")]["inputs"].pop(name, None)
+    assert json.loads(saved_metadata(old)["start_phrases"]) == []
+    table = workflow_prompt("extract_concepts_supervised", SD15)
+    table[node_id(table, "ConceptsLearnConcepts")]["inputs"]["sentence"] = "{} on a wooden table"
+    assert saved_metadata(table)["sentence"] == "{} on a wooden table"
 
 
 @pytest.mark.parametrize("by_class, message", [
     ({"ConceptsApplyConcepts": {"text": "a photo of a dog"}}, "names none of the concepts; write one of: sks, ohwx"),
     ({"ConceptsLearnConcepts": {"words": "sks"}}, "1 words for 2 concepts"),
     ({"ConceptsLearnConcepts": {"class_words": "dog"}}, "1 class words for 2 concepts"),
+    ({"ConceptsLearnConcepts": {"sentence": "a photo on a table"}}, "needs exactly one {} where the concepts' words"),
 ])
 def test_extraction_errors_say_what_to_fix(comfy_server, by_class, message):
     from .test_learn_localize import add_inputs
