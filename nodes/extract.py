@@ -358,6 +358,9 @@ class ApplyConcepts(io.ComfyNode):
                 pos.append(p)
         if not present:
             raise ValueError(f"the prompt names none of the concepts; write one of: {', '.join(concepts.tokens)}")
+        if concepts.sentence != X.DEFAULT_SENTENCE:  # the handles were learned in this sentence's context
+            log.info("these concepts were learned in the sentence %r; prompts close to it work best",
+                     concepts.sentence)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         cond = X.insert_handles(positive[0][0].float(), pos, [concepts.handles[i] for i in present])
         positive = [[cond.to(positive[0][0].dtype), dict(positive[0][1])]] + positive[1:]
