@@ -264,7 +264,8 @@ def table(res: dict) -> str:
     if "words_alone" in res:
         r = res["words_alone"]
         lines.append(f"{'same objects in their own words':<34} {r['recognised_alone']:7.3f}  "
-                     f"(ceiling: 'a photo of a red circle', {r['samples']} samples)")
+                     f"(ceiling: {res.get('sentence', 'a photo of {}').replace('{}', 'a red circle')!r}, "
+                     f"{r['samples']} samples)")
     return "\n".join(lines)
 
 
