@@ -138,8 +138,17 @@ def mask_row(unet, te, tok, scenes: list[S.Scene]) -> dict:
     return {"mean_iou": float(np.mean(ious)), "scenes": len(scenes), "fewer_than_two_regions": missed}
 
 
+# The sentence concepts are learned and sampled in: Break-A-Scene's, or the toy captions' own form with the
+# scene's background (what a user who names their image's background would write).
+SENTENCES = {"photo": "a photo of {}", "toy": "{} on a {bg} background"}
+
+
+def scene_sentence(sentence: str, scene: S.Scene) -> str:
+    return sentence.replace("{bg}", scene.background)
+
+
 @torch.no_grad()
-def sample_concept(unet, te, tok, concepts, word: str, seed: int, sentence: str = "a photo of {}") -> torch.Tensor:
+def sample_concept(unet, te, tok, concepts, word: str, seed: int, sentence: str = SENTENCES["photo"]) -> torch.Tensor:
     cond, pos = D.concept_context(tok, te, concepts, sentence.replace("{}", word))
     uncond = D.encode_text(tok, te, [""])
     c = unet.config
@@ -153,15 +162,6 @@ def sample_concept(unet, te, tok, concepts, word: str, seed: int, sentence: str 
         if gate is not None:
             gate.remove()
     return ((M.from_latents(z.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-
-
-# The sentence concepts are learned and sampled in: Break-A-Scene's, or the toy captions' own form with the
-# scene's background (what a user who names their image's background would write).
-SENTENCES = {"photo": "a photo of {}", "toy": "{} on a {bg} background"}
-
-
-def scene_sentence(sentence: str, scene: S.Scene) -> str:
-    return sentence.replace("{bg}", scene.background)
 
 
 def toy_phrase(colour: str, texture: str, shape: str) -> str:
