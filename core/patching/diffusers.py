@@ -5,6 +5,7 @@ import torch
 
 from .. import residuals as R
 from .. import training
+from ..extract import DEFAULT_SENTENCE
 from ..heatmaps import step_bin
 from ..layouts import diffusers_to_ldm_namer, family_from_config, find_sites
 from ..localize import ResidualGate, cfg_plan
@@ -154,7 +155,7 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
                      tokens: list[str], class_words: list[str] | None = None, resolution: int = 512, views: int = 4,
                      flip: bool = True, config=None, rank_ratio: float = R.DEFAULT_RANK_RATIO, fixed_rank: int = 0,
                      prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None, progress=None,
-                     start_phrases: list[str] | None = None, sentence: str = "a photo of {}"):
+                     start_phrases: list[str] | None = None, sentence: str = DEFAULT_SENTENCE):
     """Learn one handle per mask (and shared residuals) from one image [1, H, W, 3] and masks [K, H, W].
 
     ``start_phrases``: candidate phrases ('a red circle', 'a dog'); each handle starts from the candidate row
@@ -229,7 +230,7 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
                       list(class_words), losses, start_phrases=chosen, sentence=sentence)
 
 
-def candidate_rows(tokenizer, text_encoder, phrases: list[str], sentence: str = "a photo of {}") -> torch.Tensor:
+def candidate_rows(tokenizer, text_encoder, phrases: list[str], sentence: str = DEFAULT_SENTENCE) -> torch.Tensor:
     """[C, D]: each phrase's last word's row in ``candidate_prompt(phrase, sentence)`` (the search's candidates)."""
     from ..extract import candidate_prompt
 
