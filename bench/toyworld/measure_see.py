@@ -228,15 +228,16 @@ def words_row(unet, te, tok, judge, scenes: list[S.Scene], sentence: str = SENTE
 
 def run(weights: str, judge_path: str, n_scenes: int, n_extract: int, config: ExtractConfig,
         val: bool = False, start_phrases: list[str] | None = None, masks: str = "both",
-        sentence: str = SENTENCES["photo"], grow: int = 0) -> dict:
+        sentence: str = SENTENCES["photo"], grow: int = 0, skip: int = 0) -> dict:
     torch.manual_seed(0)
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
     seed0 = VAL_SCENE_SEED0 if val else SCENE_SEED0
-    scenes = two_object_scenes(max(n_scenes, n_extract), seed0)
+    scenes = two_object_scenes(max(n_scenes, n_extract) + skip, seed0)[skip:]
     res = {"scene_seed0": seed0, "mask_noise": MASK_NOISE, "sample_seeds": list(SAMPLE_SEEDS),
            "noise_levels": list(NOISE_LEVELS), "weights_sha256": M.sha256(weights), "extract_config": vars(config),
-           "start_phrases": len(start_phrases or []), "sentence": sentence, "grow_true_masks": grow}
+           "start_phrases": len(start_phrases or []), "sentence": sentence, "grow_true_masks": grow,
+           "skipped_scenes": skip}
     t0 = time.time()
     res["heatmap"] = heatmap_row(unet, te, tok, scenes[:n_scenes])
     res["unsupervised_masks"] = mask_row(unet, te, tok, scenes[:n_scenes])
@@ -315,6 +316,7 @@ def main(argv=None):
                     help="which extraction rows to run (true masks, the unsupervised masks, or both)")
     ap.add_argument("--grow-masks", type=int, default=0,
                     help="grow the true masks by this many pixels before extraction (as stock GrowMask would)")
+    ap.add_argument("--skip-scenes", type=int, default=0, help="start after this many scenes (to split a run)")
     ap.add_argument("--json", default="bench/toyworld/results/see.json")
     ap.add_argument("--val", action="store_true", help="validation scenes (63,000,000+): for choosing settings")
     args = ap.parse_args(argv)
@@ -326,7 +328,8 @@ def main(argv=None):
                         batch_size=args.batch_size)
     phrases = toy_start_phrases() if args.start_phrases == "toy" else None
     res = run(args.weights, args.judge, args.scenes, args.extract_scenes, cfg, args.val, phrases, args.masks,
-              SENTENCES[args.sentence], args.grow_masks)
+              SENTENCES[args.sentence], args.grow_masks,
+              args.skip_scenes)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
