@@ -268,6 +268,8 @@ def table(res: dict) -> str:
                       if "start_phrase_exact" in r else "")
             lines.append(f"{label:<34} {r['recognised_alone']:7.3f}  >= 0.80  ({r['samples']} samples, "
                          f"{r['train_seconds_mean']} s training per scene{search})")
+    if res.get("grow_true_masks"):
+        lines.append(f"(true masks grown by {res['grow_true_masks']} px first)")
     if "sentence" in res:
         lines.append(f"(concepts learned and sampled in {res['sentence']!r})")
     if "words_alone" in res:
@@ -328,8 +330,7 @@ def main(argv=None):
                         batch_size=args.batch_size)
     phrases = toy_start_phrases() if args.start_phrases == "toy" else None
     res = run(args.weights, args.judge, args.scenes, args.extract_scenes, cfg, args.val, phrases, args.masks,
-              SENTENCES[args.sentence], args.grow_masks,
-              args.skip_scenes)
+              SENTENCES[args.sentence], args.grow_masks, args.skip_scenes)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
