@@ -15,6 +15,9 @@ Rows (two-object held-out scenes, true renders):
   its own word's row).
 - the same objects in their own words ("a photo of a red circle"), no learning: what the base model itself reaches
   with that prompt form, the ceiling of the extraction rows.
+- together: both extracted concepts in one prompt ("sks and ohwx ..."; the first named belongs on the left) in
+  the image's order, swapped, and (toy sentence) on another background; both right in place, leakage as
+  ``measure_compose``; beside them the objects' own words in the same prompts.
 
 Seeds: scenes 62,000,000+ (never used by base training, which skips held-out captions, nor by the other tables);
 recorder noise seed 0; extraction trainer seed 0; sampling noise seeds 901-904. Settings (the masks' noise level,
@@ -147,9 +150,14 @@ def scene_sentence(sentence: str, scene: S.Scene) -> str:
     return sentence.replace("{bg}", scene.background)
 
 
-@torch.no_grad()
 def sample_concept(unet, te, tok, concepts, word: str, seed: int, sentence: str = SENTENCES["photo"]) -> torch.Tensor:
-    cond, pos = D.concept_context(tok, te, concepts, sentence.replace("{}", word))
+    return sample_prompt(unet, te, tok, concepts, sentence.replace("{}", word), seed)
+
+
+@torch.no_grad()
+def sample_prompt(unet, te, tok, concepts, prompt: str, seed: int) -> torch.Tensor:
+    """One sample of ``prompt`` with the handles of the concepts it names and the shared residuals under LAG."""
+    cond, pos = D.concept_context(tok, te, concepts, prompt)
     uncond = D.encode_text(tok, te, [""])
     c = unet.config
     gate = ResidualGate(D.unet_sites(unet), concepts.residuals, localized=True) if concepts.residuals else None
@@ -175,6 +183,47 @@ def toy_start_phrases() -> list[str]:
     return [toy_phrase(c, t, s) for c in S.COLOURS for t in S.BASE_TEXTURES for s in S.BASE_SHAPES]
 
 
+def other_background(scene: S.Scene) -> str:
+    names = S.BACKGROUND_NAMES
+    return names[(names.index(scene.background) + 1) % len(names)]
+
+
+def together_prompts(sentence: str, scene: S.Scene, left: str, right: str) -> dict[str, tuple[str, bool]]:
+    """Both concepts in one prompt, the first named drawn on the left (the toy's captions): {arrangement: (prompt,
+    swapped)}. 'as learned': the image's own order and background (the union steps' prompt); 'swapped': the order
+    reversed, a layout the image never showed; 'other background' (only where the sentence names one)."""
+    out = {"as learned": (scene_sentence(sentence, scene).replace("{}", f"{left} and {right}"), False),
+           "swapped": (scene_sentence(sentence, scene).replace("{}", f"{right} and {left}"), True)}
+    if "{bg}" in sentence:
+        other = sentence.replace("{bg}", other_background(scene))
+        out["other background"] = (other.replace("{}", f"{left} and {right}"), False)
+    return out
+
+
+def score_together(reading: J.Reading, left: S.Obj, right: S.Obj) -> tuple[bool, bool, bool]:
+    """(both recognised in place: colour, shape and texture; both by colour and shape; leakage: an object
+    carries the other concept's colour or shape), as ``measure_compose.score``."""
+    objs = reading.objects
+    keys = ("colour", "shape", "texture")
+    two = len(objs) == 2
+    both = two and all(getattr(objs[0], k) == getattr(left, k) for k in keys) and \
+        all(getattr(objs[1], k) == getattr(right, k) for k in keys)
+    both_cs = two and all(getattr(objs[0], k) == getattr(left, k) for k in keys[:2]) and \
+        all(getattr(objs[1], k) == getattr(right, k) for k in keys[:2])
+    leak = any(o.colour == right.colour or o.shape == right.shape for o in objs[:1]) or \
+        any(o.colour == left.colour or o.shape == left.shape for o in objs[1:2])
+    return both, both_cs, leak
+
+
+def together_summary(hits: dict[str, list[tuple[bool, bool, bool]]]) -> dict:
+    out = {}
+    for name, h in hits.items():
+        a = np.array(h, dtype=float).reshape(-1, 3)
+        out[name] = {"both_recognised": float(a[:, 0].mean()), "both_colour_shape": float(a[:, 1].mean()),
+                     "leakage": float(a[:, 2].mean()), "samples": len(h)}
+    return out
+
+
 def grown(masks: np.ndarray, pixels: int) -> np.ndarray:
     """Masks [K, H, W] grown by ``pixels`` 4-neighbour steps (ComfyUI's stock GrowMask, tapered corners)."""
     out = masks > 0.5
@@ -185,13 +234,15 @@ def grown(masks: np.ndarray, pixels: int) -> np.ndarray:
 
 def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bool, config: ExtractConfig,
                    start_phrases: list[str] | None = None, sentence: str = SENTENCES["photo"], grow: int = 0) -> dict:
-    found, seconds, exact = [], [], []
+    found, seconds, exact, together = [], [], [], {}
     for sc in scenes:
         r = S.render(sc)
         image = torch.from_numpy(r.image[None])
         masks = masks_or_none(unet, te, tok, sc) if unsupervised else torch.from_numpy(grown(r.masks, grow)).float()
         if masks is None:  # nothing to learn from: every sample of this scene is a miss
             found.extend([False] * len(sc.objects) * len(SAMPLE_SEEDS))
+            for name in together_prompts(sentence, sc, "sks", "ohwx"):
+                together.setdefault(name, []).extend([(False, False, False)] * len(SAMPLE_SEEDS))
             continue
         t0 = time.time()
         concepts = D.extract_concepts(unet, M.VAE(), tok, te, image, masks, ["sks", "ohwx"], resolution=S.SIZE,
@@ -206,8 +257,15 @@ def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bo
                 img = sample_concept(unet, te, tok, concepts, concepts.tokens[i], seed, concepts.sentence)
                 reading = J.read(judge, img)[0]
                 found.append(any(ob.colour == o.colour and ob.shape == o.shape for ob in reading.objects))
+        a, b = sc.objects
+        for name, (prompt, swapped) in together_prompts(sentence, sc, *concepts.tokens[:2]).items():
+            left, right = (b, a) if swapped else (a, b)
+            for seed in SAMPLE_SEEDS:
+                reading = J.read(judge, sample_prompt(unet, te, tok, concepts, prompt, seed))[0]
+                together.setdefault(name, []).append(score_together(reading, left, right))
     row = {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes),
-           "train_seconds_mean": round(float(np.mean(seconds)), 1) if seconds else 0.0}
+           "train_seconds_mean": round(float(np.mean(seconds)), 1) if seconds else 0.0,
+           "together": together_summary(together)}
     if start_phrases:
         row["start_phrase_exact"] = float(np.mean(exact)) if exact else 0.0
     return row
@@ -223,7 +281,17 @@ def words_row(unet, te, tok, judge, scenes: list[S.Scene], sentence: str = SENTE
             for seed in SAMPLE_SEEDS:
                 reading = J.read(judge, M.generate(unet, te, tok, [prompt], seed))[0]
                 found.append(any(ob.colour == o.colour and ob.shape == o.shape for ob in reading.objects))
-    return {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes)}
+    together = {}
+    for sc in scenes:
+        a, b = sc.objects
+        for name, (prompt, swapped) in together_prompts(sentence, sc, *(toy_phrase(o.colour, o.texture, o.shape)
+                                                                         for o in (a, b))).items():
+            left, right = (b, a) if swapped else (a, b)
+            for seed in SAMPLE_SEEDS:
+                reading = J.read(judge, M.generate(unet, te, tok, [prompt], seed))[0]
+                together.setdefault(name, []).append(score_together(reading, left, right))
+    return {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes),
+            "together": together_summary(together)}
 
 
 def run(weights: str, judge_path: str, n_scenes: int, n_extract: int, config: ExtractConfig,
@@ -268,6 +336,12 @@ def table(res: dict) -> str:
                       if "start_phrase_exact" in r else "")
             lines.append(f"{label:<34} {r['recognised_alone']:7.3f}  >= 0.80  ({r['samples']} samples, "
                          f"{r['train_seconds_mean']} s training per scene{search})")
+    for key, label in (("extract_true_masks", "true masks"), ("extract_unsupervised_masks", "own masks"),
+                       ("words_alone", "own words")):
+        for name, r in res.get(key, {}).get("together", {}).items():
+            lines.append(f"{'together (' + label + '), ' + name:<34} {r['both_recognised']:7.3f}  >= 0.80  "
+                         f"(leakage {r['leakage']:.3f}, target <= 0.05; by colour and shape "
+                         f"{r['both_colour_shape']:.3f}; {r['samples']} samples)")
     if res.get("grow_true_masks"):
         lines.append(f"(true masks grown by {res['grow_true_masks']} px first)")
     if "sentence" in res:
