@@ -14,7 +14,10 @@ the concepts named in the base model's own words, no residual (the ceiling: "a y
 and a purple square on …"); and, for comparison, the hook-based way (not one prompt, not one pass): one prompt
 per half ("a sks shape on the left on a ⟨bg⟩ background", "a zwx shape on the right …"), each predicted in its
 own UNet call with its own residual, blended by the half masks (what ComfyUI's masked conditionings with hook
-LoRAs compute).
+LoRAs compute). ``--custom-diffusion`` adds two rows: each concept learned as Custom Diffusion K/V updates (the
+pack's node: rank 16 on every attn2 to_k / to_v, same renders, prompts, steps and seed), the two summed, and the
+two merged in closed form (``core.compose``; constraints: each concept's token and class word rows in its
+training prompts; kept: every row of 24 base captions of scenes 90,000,000+).
 Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
 object carries the other concept's colour or shape), two objects drawn (any attributes). Sampling noise seeds
 801-808, none used in training.
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from core import training
+from core.compose import custom_diffusion_merge_layers
 from core.localize import ResidualGate, cfg_plan
 from core.patching import diffusers as D
 from core.regions import Region, RegionGate, plan_rows
@@ -72,6 +76,73 @@ def learn(unet, te, tok, steps: int, concepts: dict, lr: float = 1e-3, with_capt
                                   captions=concept_captions(concept_scenes(c), token) if with_captions else None)
         out[token] = (rs, time.time() - t0)
     return out
+
+
+class DeltaHooks:
+    """Fixed weight deltas on linear layers through forward hooks, ``y + x ΔWᵀ`` (nothing written in place)."""
+
+    def __init__(self, modules: dict, deltas: dict[str, torch.Tensor]):
+        self.modules, self.deltas, self.handles = modules, deltas, []
+
+    def __enter__(self):
+        for name, d in self.deltas.items():
+            self.handles.append(self.modules[name].register_forward_hook(
+                lambda mod, inp, out, d=d: out + inp[0] @ (d() if callable(d) else d).T))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def kv_layers(unet) -> dict:
+    return {n: m for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+
+
+def learn_kv(unet, te, tok, steps: int, concepts: dict, lr: float, with_captions: bool, rank: int) -> dict:
+    """Custom Diffusion's concept learning as the pack's node does it: a rank-``rank`` ΔW on every cross-attention
+    to_k / to_v (up starts at zero), plain diffusion loss, no token embedding, no prior images; the same renders,
+    prompts, steps and seed as ``learn``. Returns {token: ({layer: ΔW}, seconds)}."""
+    layers = kv_layers(unet)
+    unet.requires_grad_(False)
+    out = {}
+    for token, c in concepts.items():
+        gen = torch.Generator().manual_seed(TRAIN_SEED)
+        down = {n: (torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5).requires_grad_()
+                for n, m in layers.items()}
+        up = {n: torch.zeros(m.out_features, rank, requires_grad=True) for n, m in layers.items()}
+        prompts = training.image_prompts(token, S.CLASS_WORD, concept_captions(concept_scenes(c), token)
+                                         if with_captions else None, 4)
+        views, _ = training.make_views(renders(c), None, S.SIZE, 4, TRAIN_SEED, False)
+        latents = D.encode_images(M.VAE(), views).float()
+        context = D.encode_text(tok, te, prompts)
+        if len(prompts) > 1:
+            context = context.repeat_interleave(4, 0)
+        cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
+        t0 = time.time()
+        with DeltaHooks(layers, {n: (lambda n=n, u=up, d=down: u[n] @ d[n]) for n in layers}):
+            training.train(list(down.values()) + list(up.values()),
+                           lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample, latents, context,
+                           M.train_alphas_cumprod(), "v", None, cfg)
+        out[token] = ({n: (up[n] @ down[n]).detach() for n in layers}, time.time() - t0, sorted(set(prompts)))
+    return out
+
+
+def merged_kv(unet, te, tok, learned_kv: dict) -> dict[str, torch.Tensor]:
+    """The closed-form merge (``core.compose``) of the concepts' K/V deltas, as Merge Custom Diffusion Concepts
+    does it: each concept keeps its token's and class word's rows in its training prompts; 24 base captions of
+    other scenes (seeds 90,000,000+, every row) are what must stay. Returns {layer: merged W − W0}."""
+    layers = kv_layers(unet)
+    feats = []
+    for token, (_, _, prompts) in learned_kv.items():
+        rows = [D.encode_text(tok, te, [p])[0, D.concept_positions(tok, p, [token, S.CLASS_WORD])] for p in prompts]
+        feats.append(torch.cat(rows).float())
+    reg = D.encode_text(tok, te, [S.caption(S.make_scene(90_000_000 + i)) for i in range(24)]).float()
+    base = {n: m.weight.detach().float() for n, m in layers.items()}
+    merged = custom_diffusion_merge_layers(base, [{n: base[n] + d[n] for n in layers} for d, _, _ in
+                                                  learned_kv.values()], feats, reg.reshape(-1, reg.shape[-1]))
+    return {n: merged[n] - base[n] for n in layers}
 
 
 @torch.no_grad()
@@ -134,7 +205,8 @@ def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
 
 
 def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4,
-        concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False, rank: int = 0) -> dict:
+        concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False, rank: int = 0,
+        custom_diffusion: bool = False) -> dict:
     concepts = CONCEPT_SETS[concept_set]
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
@@ -179,12 +251,24 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
     def words(c):  # the concept in the base model's own words: the ceiling of what composition can reach
         return " ".join([c["colour"]] + ([c["texture"]] if c["texture"] != "plain" else []) + [c["shape"]])
 
-    for name in ("none", "global", "multi_lag", "masks", "masks_left_only", "hooks_regional_prompts", "words"):
+    names = ["none", "global", "multi_lag", "masks", "masks_left_only", "hooks_regional_prompts", "words"]
+    kv_rows = {}
+    if custom_diffusion:
+        kv = learn_kv(unet, te, tok, steps, concepts, lr, with_captions, rank or 16)
+        res["custom_diffusion"] = {"rank": rank or 16, "train_seconds": {t: round(v[1], 1) for t, v in kv.items()}}
+        kv_rows = {"custom_diffusion_summed": {n: kv["sks"][0][n] + kv["zwx"][0][n] for n in kv["sks"][0]},
+                   "custom_diffusion_merged": merged_kv(unet, te, tok, kv)}
+        names[-1:-1] = list(kv_rows)
+    layers = kv_layers(unet)
+    for name in names:
         both, leak, two = [], [], []
         for prompt in prompts:
             bg = prompt.split(" on a ")[-1]
             for seed in seeds:
-                if name == "words":
+                if name in kv_rows:
+                    with DeltaHooks(layers, kv_rows[name]):
+                        img = sample(unet, te, tok, prompt, seed)
+                elif name == "words":
                     img = sample(unet, te, tok, f"a {words(concepts['sks'])} and a {words(concepts['zwx'])} on a {bg}",
                                  seed)
                 elif name == "hooks_regional_prompts":  # two prompts, two passes: the baseline, not one prompt
@@ -237,12 +321,15 @@ def main(argv=None):
                          "background') instead of the paper's one prompt")
     ap.add_argument("--rank", type=int, default=0,
                     help="fixed residual rank for every layer (0: the paper's rule, 0.05 of the width)")
+    ap.add_argument("--custom-diffusion", action="store_true",
+                    help="also learn each concept as Custom Diffusion K/V updates (rank --rank, or 16) and sample "
+                         "them summed and merged in closed form")
     ap.add_argument("--json", default="bench/toyworld/results/compose.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
     res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr, args.captions,
-              args.rank)
+              args.rank, args.custom_diffusion)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
