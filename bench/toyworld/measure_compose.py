@@ -42,7 +42,7 @@ from core.regions import Region, RegionGate, plan_rows
 from . import judge as J
 from . import model as M
 from . import scenes as S
-from .measure import concept_captions
+from .measure import LowRankHooks, concept_captions
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class DeltaHooks:
     def __enter__(self):
         for name, d in self.deltas.items():
             self.handles.append(self.modules[name].register_forward_hook(
-                lambda mod, inp, out, d=d: out + inp[0] @ (d() if callable(d) else d).T))
+                lambda mod, inp, out, d=d: out + inp[0] @ d.T))
         return self
 
     def __exit__(self, *exc):
@@ -103,15 +103,14 @@ def kv_layers(unet) -> dict:
 def learn_kv(unet, te, tok, steps: int, concepts: dict, lr: float, with_captions: bool, rank: int) -> dict:
     """Custom Diffusion's concept learning as the pack's node does it: a rank-``rank`` ΔW on every cross-attention
     to_k / to_v (up starts at zero), plain diffusion loss, no token embedding, no prior images; the same renders,
-    prompts, steps and seed as ``learn``. Returns {token: ({layer: ΔW}, seconds)}."""
+    prompts, steps and seed as ``learn``. Returns {token: ({layer: ΔW}, seconds, training prompts)}."""
     layers = kv_layers(unet)
     unet.requires_grad_(False)
     out = {}
     for token, c in concepts.items():
-        gen = torch.Generator().manual_seed(TRAIN_SEED)
-        down = {n: (torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5).requires_grad_()
-                for n, m in layers.items()}
-        up = {n: torch.zeros(m.out_features, rank, requires_grad=True) for n, m in layers.items()}
+        lora = LowRankHooks(list(layers.values()), rank, TRAIN_SEED)
+        for p in lora.parameters():
+            p.requires_grad_(True)
         prompts = training.image_prompts(token, S.CLASS_WORD, concept_captions(concept_scenes(c), token)
                                          if with_captions else None, 4)
         views, _ = training.make_views(renders(c), None, S.SIZE, 4, TRAIN_SEED, False)
@@ -121,11 +120,11 @@ def learn_kv(unet, te, tok, steps: int, concepts: dict, lr: float, with_captions
             context = context.repeat_interleave(4, 0)
         cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
         t0 = time.time()
-        with DeltaHooks(layers, {n: (lambda n=n, u=up, d=down: u[n] @ d[n]) for n in layers}):
-            training.train(list(down.values()) + list(up.values()),
-                           lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample, latents, context,
-                           M.train_alphas_cumprod(), "v", None, cfg)
-        out[token] = ({n: (up[n] @ down[n]).detach() for n in layers}, time.time() - t0, sorted(set(prompts)))
+        with lora:
+            training.train(lora.parameters(), lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample,
+                           latents, context, M.train_alphas_cumprod(), "v", None, cfg)
+        deltas = {n: (u @ d).detach() for n, d, u in zip(layers, lora.down, lora.up, strict=True)}
+        out[token] = (deltas, time.time() - t0, sorted(set(prompts)))
     return out
 
 

@@ -44,6 +44,7 @@ from . import judge as J
 from . import model as M
 from . import scenes as S
 from .measure import dilate
+from .measure_compose import score
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +202,13 @@ def together_prompts(sentence: str, scene: S.Scene, left: str, right: str) -> di
 
 
 def score_together(reading: J.Reading, left: S.Obj, right: S.Obj) -> tuple[bool, bool, bool]:
-    """(both recognised in place: colour, shape and texture; both by colour and shape; leakage: an object
-    carries the other concept's colour or shape), as ``measure_compose.score``."""
+    """(both recognised in place, every attribute; both by colour and shape only; leakage: an object carries the
+    other concept's colour or shape): ``measure_compose.score`` with these two objects, plus the lenient column."""
+    both, leak = score(reading, {k: {a: getattr(o, a) for a in ("shape", "colour", "texture")}
+                                 for k, o in (("sks", left), ("zwx", right))})
     objs = reading.objects
-    keys = ("colour", "shape", "texture")
-    two = len(objs) == 2
-    both = two and all(getattr(objs[0], k) == getattr(left, k) for k in keys) and \
-        all(getattr(objs[1], k) == getattr(right, k) for k in keys)
-    both_cs = two and all(getattr(objs[0], k) == getattr(left, k) for k in keys[:2]) and \
-        all(getattr(objs[1], k) == getattr(right, k) for k in keys[:2])
-    leak = any(o.colour == right.colour or o.shape == right.shape for o in objs[:1]) or \
-        any(o.colour == left.colour or o.shape == left.shape for o in objs[1:2])
+    both_cs = len(objs) == 2 and all((o.colour, o.shape) == (w.colour, w.shape)
+                                     for o, w in zip(objs, (left, right), strict=True))
     return both, both_cs, leak
 
 
