@@ -212,6 +212,16 @@ def score_together(reading: J.Reading, left: S.Obj, right: S.Obj) -> tuple[bool,
     return both, both_cs, leak
 
 
+def score_arrangements(hits: dict, judge, sentence: str, scene: S.Scene, left: str, right: str, draw) -> None:
+    """Sample every arrangement of ``together_prompts`` once per seed (``draw(prompt, seed)`` gives the image) and
+    append each reading's ``score_together`` against the objects in the places the prompt asks for."""
+    a, b = scene.objects
+    for name, (prompt, swapped) in together_prompts(sentence, scene, left, right).items():
+        want = (b, a) if swapped else (a, b)
+        for seed in SAMPLE_SEEDS:
+            hits.setdefault(name, []).append(score_together(J.read(judge, draw(prompt, seed))[0], *want))
+
+
 def together_summary(hits: dict[str, list[tuple[bool, bool, bool]]]) -> dict:
     out = {}
     for name, h in hits.items():
@@ -254,12 +264,8 @@ def extraction_row(unet, te, tok, judge, scenes: list[S.Scene], unsupervised: bo
                 img = sample_concept(unet, te, tok, concepts, concepts.tokens[i], seed, concepts.sentence)
                 reading = J.read(judge, img)[0]
                 found.append(any(ob.colour == o.colour and ob.shape == o.shape for ob in reading.objects))
-        a, b = sc.objects
-        for name, (prompt, swapped) in together_prompts(sentence, sc, *concepts.tokens[:2]).items():
-            left, right = (b, a) if swapped else (a, b)
-            for seed in SAMPLE_SEEDS:
-                reading = J.read(judge, sample_prompt(unet, te, tok, concepts, prompt, seed))[0]
-                together.setdefault(name, []).append(score_together(reading, left, right))
+        score_arrangements(together, judge, sentence, sc, *concepts.tokens[:2],
+                           lambda p, seed, c=concepts: sample_prompt(unet, te, tok, c, p, seed))
     row = {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes),
            "train_seconds_mean": round(float(np.mean(seconds)), 1) if seconds else 0.0,
            "together": together_summary(together)}
@@ -280,13 +286,9 @@ def words_row(unet, te, tok, judge, scenes: list[S.Scene], sentence: str = SENTE
                 found.append(any(ob.colour == o.colour and ob.shape == o.shape for ob in reading.objects))
     together = {}
     for sc in scenes:
-        a, b = sc.objects
-        for name, (prompt, swapped) in together_prompts(sentence, sc, *(toy_phrase(o.colour, o.texture, o.shape)
-                                                                         for o in (a, b))).items():
-            left, right = (b, a) if swapped else (a, b)
-            for seed in SAMPLE_SEEDS:
-                reading = J.read(judge, M.generate(unet, te, tok, [prompt], seed))[0]
-                together.setdefault(name, []).append(score_together(reading, left, right))
+        score_arrangements(together, judge, sentence, sc, *(toy_phrase(o.colour, o.texture, o.shape)
+                                                            for o in sc.objects),
+                           lambda p, seed: M.generate(unet, te, tok, [p], seed))
     return {"recognised_alone": float(np.mean(found)), "samples": len(found), "scenes": len(scenes),
             "together": together_summary(together)}
 
