@@ -1,5 +1,5 @@
 """ComfyUI nodes: thin wrappers over core/, one file per technique family."""
-from .compose import ApplyRegions, ConceptRegion
+from .compose import ApplyRegions, ConceptRegion, TrainConceptsTogether
 from .compose_extra import (
                     FreeCustom,
                     MergeCustomDiffusion,
@@ -22,7 +22,7 @@ from .localize import ApplyResidualsLocalized
 
 NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
          RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts, SaveConcepts, LoadConcepts,
-         ConceptRegion, ApplyRegions,
+         ConceptRegion, ApplyRegions, TrainConceptsTogether,
          EraseConceptClosedForm, EraseFromConditioning, SteerAwayFromConcept, TrainConceptSlider, TrainEsdEraser,
          ApplySlider,
          TrainCustomDiffusion, MergeCustomDiffusion, FreeCustom, T2IZeroCorrection, T2IZeroNMS]

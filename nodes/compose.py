@@ -5,15 +5,21 @@ import re
 
 import comfy.utils
 import folder_paths
-from comfy_api.v0_0_2 import io
+import torch
+from comfy_api.v0_0_2 import io, ui
+from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from ..core import lora_files as L
+from ..core import training
 from ..core.compose import OVERLAP_RULES
+from ..core.cut_mix import cut_mix, gated_residuals, spread_rows, trainable_copy
 from ..core.layouts import family_label
 from ..core.masks import RULES
 from ..core.patching import comfy as P
+from ..core.plots import line_plot
 from ..core.regions import Region
-from ._common import CATEGORY, Residuals, checked_sites, log
+from ._common import CATEGORY, Residuals, checked_sites, log, step_progress, training_patcher
+from .learn import _ResidualTrainer
 
 Regions = io.Custom("CONCEPT_REGIONS")
 NONE = "none"
@@ -146,3 +152,109 @@ class ApplyRegions(io.ComfyNode):
             built.append(Region(layers, entry["strength"], tokens, entry["mask"], name))
         ref = positive[0][0][0] if any(r.tokens for r in built) else None
         return io.NodeOutput(P.apply_regions(model, built, ref, overlap, mask_rule), positive)
+
+
+class TrainConceptsTogether(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConceptsTrainTogether",
+            display_name="Train Concepts Together (Cut-Mix)",
+            category=f"{CATEGORY}/compose",
+            description="Fine-tunes two learned residual sets together on Cut-Mix images (SVDiff): every pair of "
+                        "their photos cut around the objects and put side by side, A left, B right, each residual "
+                        "active only in its own half, as Apply Regions uses them with the two half masks it "
+                        "outputs. Each residual learns its concept while the other acts beside it.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model both residual sets were trained on; not changed."),
+                io.Clip.Input("clip", tooltip="The text encoder; the caption below is encoded with it."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes the Cut-Mix images into latents."),
+                Residuals.Input("residuals_a", tooltip="Concept A's residuals (Train or Load Residuals): left half."),
+                io.Image.Input("images_a", tooltip="Concept A's photos (the ones it was trained on, or others)."),
+                Residuals.Input("residuals_b", tooltip="Concept B's residuals: right half."),
+                io.Image.Input("images_b", tooltip="Concept B's photos."),
+                io.String.Input("caption", default="",
+                                tooltip="The caption of every Cut-Mix image, naming both tokens and class words, A "
+                                        "first, e.g. 'a photo of a sks dog and a zwx cat'. Empty: built from the "
+                                        "two files' tokens and class words like that."),
+                io.Int.Input("steps", default=300, min=1, max=10000,
+                             tooltip="Optimisation steps over the Cut-Mix images."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4,
+                               tooltip="AdamW learning rate (the residual trainer's default)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Cut-Mix images per step."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds the crops, noise and timesteps: same seed, same result."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Square training resolution in pixels; the half masks come out this size."),
+                io.Int.Input("views", default=2, min=1, max=32,
+                             tooltip="Random crops per Cut-Mix image (never mirrored: that would swap the halves)."),
+                io.Int.Input("max_pairs", default=16, min=1, max=256,
+                             tooltip="At most this many (A photo, B photo) pairs, spread over all of them."),
+                io.Float.Input("scale", default=1.0, min=0.25, max=1.0, step=0.05,
+                               tooltip="Shrink each photo first (border pixels fill the frame), so the objects "
+                                       "are the size they have when two share a picture. 1: no shrinking."),
+                io.Mask.Input("masks_a", optional=True,
+                              tooltip="Optional: one mask per A photo; the cut is centred on it (else the centre)."),
+                io.Mask.Input("masks_b", optional=True, tooltip="Optional: one mask per B photo, as masks_a."),
+            ],
+            outputs=[
+                Residuals.Output(display_name="residuals_a", tooltip="A's residuals after the joint training."),
+                Residuals.Output(display_name="residuals_b", tooltip="B's residuals after the joint training."),
+                io.Mask.Output(display_name="mask_a", tooltip="The left half: A's mask for Concept Region."),
+                io.Mask.Output(display_name="mask_b", tooltip="The right half: B's mask for Concept Region."),
+                io.Image.Output(display_name="cut_mix_images", tooltip="The images it trained on."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, residuals_a, images_a, residuals_b, images_b, caption, steps, learning_rate,
+                batch_size, seed, resolution, views, max_pairs, scale, masks_a=None, masks_b=None):
+        tokens = []
+        for tag, rs in (("A", residuals_a), ("B", residuals_b)):
+            checked_sites(model, rs)
+            tokens.append((rs.metadata.get("token", ""), rs.metadata.get("class_word", "")))
+            if not all(tokens[-1]):
+                raise ValueError(f"residuals {tag} do not name their token and class word (not trained by this pack?): "
+                                 "write the caption yourself")
+        if tokens[0][0] == tokens[1][0]:
+            raise ValueError(f"both residual sets use the token '{tokens[0][0]}': retrain one with another token, "
+                             "or the caption cannot tell them apart")
+        caption = caption.strip() or f"a photo of a {tokens[0][0]} {tokens[0][1]} and a {tokens[1][0]} {tokens[1][1]}"
+        for tok, cls_word in tokens:
+            P.concept_positions(clip, caption, [tok, cls_word])  # clear error for a word the caption lacks
+        masks_a = training.check_images(images_a, masks_a)
+        masks_b = training.check_images(images_b, masks_b)
+
+        def square(images, masks):  # the centre crop at the training resolution (make_views' first view)
+            return training.make_views(images[..., :3].cpu(), None if masks is None else masks.cpu(), resolution, 1,
+                                       seed, False)
+        mixed, left, right = cut_mix(*square(images_a, masks_a), *square(images_b, masks_b), scale)
+        mixed = mixed[spread_rows(mixed.shape[0], max_pairs)]
+        view_images, _ = training.make_views(mixed, None, resolution, views, seed, False)
+        config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+        progress = step_progress(steps)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+        with torch.inference_mode(False), torch.enable_grad():
+            latents = latents.detach().clone()  # tensors made under inference mode cannot enter autograd
+            mp, device = training_patcher(model)
+            sets = [trainable_copy(rs, device) for rs in (residuals_a, residuals_b)]
+            trainer = _ResidualTrainer([p for rs in sets for p in rs.parameters()], config, progress, None)
+            guider = Guider_Basic(mp)
+            guider.set_conds(cond)
+            with gated_residuals(P.model_modules(mp), [(sets[0], left), (sets[1], right)]):
+                guider.sample(torch.zeros_like(latents), latents, trainer, torch.zeros(len(latents)), seed=seed)
+        out = []
+        for rs, (other, _) in zip(sets, reversed(tokens), strict=True):
+            rs = rs.detached()
+            for layer in rs.layers.values():
+                layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
+            rs.metadata.update(cut_mix_with=other, cut_mix_caption=caption, cut_mix_steps=str(steps))
+            out.append(rs)
+        log.info("trained %s and %s together on %d Cut-Mix images: loss %.4f -> %.4f", tokens[0][0], tokens[1][0],
+                 mixed.shape[0], trainer.losses[0], trainer.losses[-1])
+        curve = line_plot(trainer.losses)
+        return io.NodeOutput(out[0], out[1], left[None], right[None], mixed, curve,
+                             ui=ui.PreviewImage(mixed[:8], cls=cls))

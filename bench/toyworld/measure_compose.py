@@ -17,7 +17,10 @@ own UNet call with its own residual, blended by the half masks (what ComfyUI's m
 LoRAs compute). ``--custom-diffusion`` adds two rows: each concept learned as Custom Diffusion K/V updates (the
 pack's node: rank 16 on every attn2 to_k / to_v, same renders, prompts, steps and seed), the two summed, and the
 two merged in closed form (``core.compose``; constraints: each concept's token and class word rows in its
-training prompts; kept: every row of 24 base captions of scenes 90,000,000+).
+training prompts; kept: every row of 24 base captions of scenes 90,000,000+). ``--cut-mix STEPS`` adds two
+rows: both residuals fine-tuned together for STEPS on Cut-Mix images (SVDiff: every pair of the two concepts'
+renders side by side, A left, "a sks shape and a zwx shape on a ⟨bg⟩ background"), each gated by its own half
+as the masks row samples them (``core.cut_mix``); the pairs cut from pixels, or re-rendered at two-object size.
 Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
 object carries the other concept's colour or shape), two objects drawn (any attributes). Sampling noise seeds
 801-808, none used in training.
@@ -35,6 +38,7 @@ import torch
 
 from core import training
 from core.compose import custom_diffusion_merge_layers
+from core.cut_mix import cut_mix, gated_residuals, trainable_copy
 from core.localize import ResidualGate, cfg_plan
 from core.patching import diffusers as D
 from core.regions import Region, RegionGate, plan_rows
@@ -94,6 +98,51 @@ class DeltaHooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def two_object_size(o: S.Obj, place: str, rng: np.random.Generator) -> S.Obj:
+    """An object of a single-object render moved into one half and scaled to the two-object radius range."""
+    r = 4.0 + (o.r - 5.0) / 3.0 * 1.5
+    lo, hi = (r + 1.0, S.SIZE * 9.5 / 32) if place == "left" else (S.SIZE * 22.5 / 32, S.SIZE - r - 1.0)
+    return S.Obj(o.shape, o.colour, o.texture, float(rng.uniform(lo, hi)), min(max(o.y, r + 1.0), S.SIZE - r - 1.0), r)
+
+
+def cut_mix_data(concepts: dict, rerender: bool) -> tuple[torch.Tensor, list[str]]:
+    """Every pair of the two concepts' 4 renders side by side (A left), captioned "a sks shape and a zwx shape on a
+    ⟨bg⟩ background" (the left render's background). ``rerender``: the pair drawn again by the renderer at
+    two-object size (a perfect cut and shrink, which pixels of a 32-px image cannot give) instead of
+    ``core.cut_mix.cut_mix`` on the renders and their masks."""
+    sa, sb = concept_scenes(concepts["sks"]), concept_scenes(concepts["zwx"])
+    caps = [f"a sks {S.CLASS_WORD} and a zwx {S.CLASS_WORD} on a {a.background} background" for a in sa for _ in sb]
+    if rerender:
+        rng = np.random.default_rng(5)
+        scenes = [S.Scene((two_object_size(a.objects[0], "left", rng), two_object_size(b.objects[0], "right", rng)),
+                          a.background, (0, 0), (False, False)) for a in sa for b in sb]
+        return torch.from_numpy(S.render_batch(scenes)), caps
+
+    def masks(scenes):
+        return torch.from_numpy(np.stack([S.render(sc).masks[0] for sc in scenes])).float()
+    images, _, _ = cut_mix(renders(concepts["sks"]), masks(sa), renders(concepts["zwx"]), masks(sb))
+    return images, caps
+
+
+def learn_cut_mix(unet, te, tok, learned: dict, concepts: dict, halves: dict, steps: int, lr: float,
+                  rerender: bool) -> tuple[dict, float]:
+    """Both concepts' residuals fine-tuned together on Cut-Mix images (SVDiff), each gated by its own half as the
+    masks row samples them (``core.cut_mix``); returns ({token: ResidualSet}, seconds)."""
+    images, caps = cut_mix_data(concepts, rerender)
+    views, _ = training.make_views(images, None, S.SIZE, 4, TRAIN_SEED, False)
+    latents = D.encode_images(M.VAE(), views).float()
+    context = D.encode_text(tok, te, caps).repeat_interleave(4, 0)
+    sets = {t: trainable_copy(learned[t][0]) for t in concepts}
+    params = [p for rs in sets.values() for p in rs.parameters()]
+    cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
+    unet.requires_grad_(False)
+    t0 = time.time()
+    with gated_residuals(D.unet_modules(unet), [(sets[t], halves[t]) for t in concepts]):
+        training.train(params, lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample, latents, context,
+                       M.train_alphas_cumprod(), "v", None, cfg)
+    return {t: rs.detached() for t, rs in sets.items()}, time.time() - t0
 
 
 def kv_layers(unet) -> dict:
@@ -205,7 +254,7 @@ def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
 
 def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4,
         concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False, rank: int = 0,
-        custom_diffusion: bool = False) -> dict:
+        custom_diffusion: bool = False, cut_mix_steps: int = 0, only: tuple[str, ...] = ()) -> dict:
     concepts = CONCEPT_SETS[concept_set]
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
@@ -230,8 +279,8 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
             regions = []
             pairs = (("sks", left),) if name == "masks_left_only" else (("sks", left), ("zwx", right))
             for token, mask in pairs:
-                layers = dict(learned[token][0].layers)
-                if name == "multi_lag":
+                layers = dict(cut_sets[name][token].layers if name in cut_sets else learned[token][0].layers)
+                if name == "multi_lag":  # cut-mix rows are gated by the halves they were trained in
                     regions.append(Region(layers, tokens=D.concept_positions(tok, prompt, [token]), name=token))
                 else:
                     regions.append(Region(layers, mask=mask, name=token))
@@ -258,6 +307,16 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
         kv_rows = {"custom_diffusion_summed": {n: kv["sks"][0][n] + kv["zwx"][0][n] for n in kv["sks"][0]},
                    "custom_diffusion_merged": merged_kv(unet, te, tok, kv)}
         names[-1:-1] = list(kv_rows)
+    cut_sets = {}
+    if cut_mix_steps:
+        res["cut_mix"] = {"steps": cut_mix_steps, "train_seconds": {}}
+        for name, rerender in (("cut_mix_masks", False), ("cut_mix_rerendered_masks", True)):
+            cut_sets[name], sec = learn_cut_mix(unet, te, tok, learned, concepts, {"sks": left, "zwx": right},
+                                                cut_mix_steps, lr, rerender)
+            res["cut_mix"]["train_seconds"][name] = round(sec, 1)
+        names[-1:-1] = list(cut_sets)
+    if only:
+        names = [n for n in names if n in only]
     layers = kv_layers(unet)
     for name in names:
         both, leak, two = [], [], []
@@ -323,12 +382,17 @@ def main(argv=None):
     ap.add_argument("--custom-diffusion", action="store_true",
                     help="also learn each concept as Custom Diffusion K/V updates (rank --rank, or 16) and sample "
                          "them summed and merged in closed form")
+    ap.add_argument("--cut-mix", type=int, default=0, metavar="STEPS",
+                    help="also fine-tune both residuals together for STEPS on Cut-Mix images of their renders, each "
+                         "gated by its half (core.cut_mix; cut from pixels, and re-rendered), sampled as the masks row")
+    ap.add_argument("--rows", default="", help="comma-separated rows to sample (default: all)")
     ap.add_argument("--json", default="bench/toyworld/results/compose.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
     res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr, args.captions,
-              args.rank, args.custom_diffusion)
+              args.rank, args.custom_diffusion, args.cut_mix,
+              tuple(r.strip() for r in args.rows.split(",") if r.strip()))
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

@@ -65,6 +65,8 @@ def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_nam
             ins["steps"] = steps
         elif kind == "ConceptsTrainResiduals":
             ins.update(steps=train_steps, resolution=size, views=1, batch_size=2)
+        elif kind == "ConceptsTrainTogether":
+            ins.update(steps=train_steps, resolution=size, views=1, batch_size=2, max_pairs=2)
         elif kind == "ConceptsLearnConcepts":
             ins.update(handle_steps=train_steps, joint_steps=train_steps, resolution=size, views=1, batch_size=1)
         elif kind in ("ConceptsTrainSlider", "ConceptsTrainEsd"):

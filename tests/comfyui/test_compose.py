@@ -1,4 +1,6 @@
 """Compose in a real ComfyUI: regions of learned residuals and LoRA files in one pass, against ComfyUI's own."""
+import uuid
+
 import pytest
 import torch
 
@@ -169,3 +171,53 @@ def test_a_kohya_lora_with_text_side_kv_and_locon_matches_loraloader_at_full_mas
     assert not torch.allclose(lat["stock"], lat["base"], atol=1e-3 * scale)
     assert torch.allclose(lat["ours"], lat["stock"], atol=1e-4 * scale, rtol=1e-4)
     assert not torch.allclose(lat["word"], lat["ours"], atol=1e-3 * scale)  # a word region is not everywhere
+
+
+# ------------------------------------------------------------------------------------------ Cut-Mix
+def cut_mix_prompt(tag, **together):
+    """The Cut-Mix workflow with both trainings saved and both jointly trained sets saved too."""
+    from .test_learn_localize import add_inputs
+
+    p = workflow_prompt("compose_cut_mix", SD15, ConceptsTrainTogether=together)
+    p["7"]["inputs"]["save_name"] = f"tests/{tag}_a"
+    p["8"]["inputs"]["save_name"] = f"tests/{tag}_b"
+    for nid, out in (("90", 0), ("91", 1)):
+        p[nid] = {"class_type": "ConceptsSaveResiduals",
+                  "inputs": {"residuals": ["9", out], "save_name": f"tests/{tag}_together_{out}", "overwrite": False}}
+    return p, add_inputs
+
+
+def test_cut_mix_trains_copies_of_both_sets_and_names_the_partner(comfy_server):
+    from core.residuals import load
+
+    tag = f"cutmix_{uuid.uuid4().hex[:6]}"
+    p, add_inputs = cut_mix_prompt(tag)
+    add_inputs(comfy_server)
+    out = comfy_server.run(p)
+    loras = comfy_server.base_dir / "models" / "loras" / "tests"
+    files = {k: load(str(loras / f"{tag}_{k}.safetensors")) for k in ("a", "b", "together_0", "together_1")}
+    for before, after, partner in (("a", "together_0", "ohwx"), ("b", "together_1", "sks")):
+        assert files[after].metadata["cut_mix_with"] == partner
+        assert files[after].metadata["token"] == files[before].metadata["token"]
+        assert set(files[after].layers) == set(files[before].layers)
+        assert any(not torch.equal(files[after].layers[k].up, files[before].layers[k].up)
+                   for k in files[before].layers)  # trained, as a new set
+    assert files["together_0"].metadata["cut_mix_caption"] == "a photo of a sks toy and a ohwx ball"
+    images = harness.output_refs({"9": out["9"]}, "images")
+    assert images  # the Cut-Mix images are previewed
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"caption": "a photo of a sks toy and a ball"}, "ohwx"),
+])
+def test_cut_mix_bad_input_says_what_to_fix(comfy_server, change, message):
+    p, add_inputs = cut_mix_prompt(f"cutmix_bad_{uuid.uuid4().hex[:6]}", **change)
+    add_inputs(comfy_server)
+    assert message in comfy_server.run_expect_error(p)
+
+
+def test_cut_mix_refuses_two_sets_with_one_token(comfy_server):
+    p, add_inputs = cut_mix_prompt(f"cutmix_same_{uuid.uuid4().hex[:6]}")
+    p["8"]["inputs"]["token"] = "sks"
+    add_inputs(comfy_server)
+    assert "both residual sets use the token 'sks'" in comfy_server.run_expect_error(p)

@@ -1,0 +1,135 @@
+"""Cut-Mix training for composing learned concepts (SVDiff, Han et al. 2023), adapted to region-gated residuals.
+
+SVDiff trains one model on images made by cutting two concepts' photos and putting them side by side, captioned
+"V1 … and V2 …", so the model sees both concepts in one picture. Here each concept keeps its own residual set: both
+sets are fine-tuned together on such images, each gated by its own half (as Apply Regions gates them at sampling
+time), so each residual learns its concept while the other one acts on the other half, and what a gated residual
+spreads across the image (group norms, self-attention) is trained against instead of left to chance.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora_files import lora_forward
+from .residuals import LowRank, ResidualSet
+
+
+def object_column(mask: torch.Tensor | None, width: int) -> float:
+    """The column the object is centred on (the mask's centroid), or the image's centre for no mask / an empty one."""
+    if mask is None or float(mask.sum()) <= 0:
+        return (width - 1) / 2
+    cols = torch.arange(width, dtype=torch.float32)
+    weights = mask.float().sum(0)
+    return float((weights * cols).sum() / weights.sum())
+
+
+def window(image: torch.Tensor, mask: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The ``width`` columns of ``image`` [H, W, 3] around its object, shifted to stay inside the image."""
+    w = image.shape[1]
+    if width > w:
+        raise ValueError(f"a half of {width} px is wider than the image ({w} px)")
+    left = round(object_column(mask, w) - (width - 1) / 2)
+    left = min(max(left, 0), w - width)
+    return image[:, left:left + width]
+
+
+def shrink(images: torch.Tensor, masks: torch.Tensor | None, scale: float):
+    """Images [N, H, W, 3] (and masks [N, H, W]) scaled by ``scale`` <= 1 about their centre, the border pixels
+    repeated outward to fill the frame: objects become smaller, as they are when two share a picture."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if scale == 1:
+        return images, masks
+    n, h, w, _ = images.shape
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (h - sh) // 2, (w - sw) // 2
+    pad = (left, w - sw - left, top, h - sh - top)
+
+    def go(x, antialias):
+        x = F.interpolate(x, size=(sh, sw), mode="bilinear", antialias=antialias, align_corners=False)
+        return F.pad(x, pad, mode="replicate")
+    out = go(images.permute(0, 3, 1, 2).float(), True).permute(0, 2, 3, 1).clamp(0, 1)
+    return out, (None if masks is None else go(masks[:, None].float(), False)[:, 0])
+
+
+def cut_mix(images_a: torch.Tensor, masks_a: torch.Tensor | None, images_b: torch.Tensor,
+            masks_b: torch.Tensor | None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pair (a_i, b_j) cut around its objects and put side by side: a on the left half, b on the right.
+
+    images [N, H, W, 3] (both sets the same H and W); masks [N, H, W] or None (then the image's centre is cut);
+    ``scale`` shrinks the images first (``shrink``). Returns (images [Na*Nb, H, W, 3], left half mask [H, W],
+    right half mask [H, W]); pair (i, j) is row i * Nb + j."""
+    if images_a.shape[1:] != images_b.shape[1:]:
+        raise ValueError(f"both concepts' images must have one size, got {tuple(images_a.shape[1:3])} and "
+                         f"{tuple(images_b.shape[1:3])}: resize them first (e.g. ImageScale)")
+    images_a, masks_a = shrink(images_a, masks_a, scale)
+    images_b, masks_b = shrink(images_b, masks_b, scale)
+    h, w = images_a.shape[1:3]
+    wa = w // 2
+    out = []
+    for i in range(images_a.shape[0]):
+        left = window(images_a[i], None if masks_a is None else masks_a[i], wa)
+        for j in range(images_b.shape[0]):
+            right = window(images_b[j], None if masks_b is None else masks_b[j], w - wa)
+            out.append(torch.cat([left, right], dim=1))
+    half = torch.zeros(h, w)
+    half[:, :wa] = 1
+    return torch.stack(out), half, 1 - half
+
+
+def _spatial_gate(mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``mask`` [H, W] resized (area) to a layer output's positions, shaped to multiply it."""
+    if output.ndim == 4:
+        hw = tuple(output.shape[-2:])
+    else:  # [B, N, C] tokens of a square-ish latent: the mask's aspect ratio gives the grid
+        n, (mh, mw) = output.shape[1], mask.shape
+        h = max(1, round((n * mh / mw) ** 0.5))
+        hw = (h, n // h)
+        if hw[0] * hw[1] != n:
+            raise ValueError(f"cannot place {n} positions on a {mh}x{mw} mask's grid")
+    g = F.interpolate(mask.float()[None, None], size=hw, mode="area" if mask.shape[-1] >= hw[1] else "bilinear")
+    g = g.to(output.device, output.dtype)
+    return g if output.ndim == 4 else g.flatten(2).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet, torch.Tensor]]) -> Iterator[None]:
+    """Each residual set adds ``gate ⊙ ΔW x`` to its layers' outputs, its gate its own mask [H, W] (image size);
+    differentiable in the sets' factors (for training), hooks removed on exit."""
+    handles = []
+    paths = sorted({p for rs, _ in sets for p in rs.layers})
+    try:
+        for path in paths:
+            layers: list[tuple[LowRank, torch.Tensor]] = [(rs.layers[path], m) for rs, m in sets if path in rs.layers]
+
+            def hook(mod, inputs, output, layers=layers):
+                x = inputs[0]
+                for layer, mask in layers:
+                    output = output + _spatial_gate(mask, output) * lora_forward(layer, x.to(output.dtype))
+                return output
+            handles.append(modules[path].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def trainable_copy(rs: ResidualSet, device=None) -> ResidualSet:
+    """A copy of a residual set (on ``device``) whose factors can be trained without touching the original's."""
+    layers = {k: LowRank(v.down.detach().to(device).clone(), v.up.detach().to(device).clone(), v.alpha, v.conv)
+              for k, v in rs.layers.items()}
+    return ResidualSet(layers, dict(rs.metadata))
+
+
+def spread_rows(n: int, limit: int) -> list[int]:
+    """At most ``limit`` of ``n`` rows, spread evenly from the first to the last (all of them when n <= limit)."""
+    if limit < 1:
+        raise ValueError("keep at least one pair")
+    if n <= limit:
+        return list(range(n))
+    return torch.linspace(0, n - 1, limit).round().long().tolist()
