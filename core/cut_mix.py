@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora_files import lora_forward
+from .regions import resize_gate
 from .residuals import LowRank, ResidualSet
 
 
@@ -83,24 +84,24 @@ def cut_mix(images_a: torch.Tensor, masks_a: torch.Tensor | None, images_b: torc
 
 
 def _spatial_gate(mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """``mask`` [H, W] resized (area) to a layer output's positions, shaped to multiply it."""
+    """``mask`` [H, W] at a layer output's positions (``regions.resize_gate``), shaped to multiply it."""
     if output.ndim == 4:
         hw = tuple(output.shape[-2:])
-    else:  # [B, N, C] tokens of a square-ish latent: the mask's aspect ratio gives the grid
+    else:  # [B, N, C] tokens: the mask's aspect ratio gives the grid
         n, (mh, mw) = output.shape[1], mask.shape
         h = max(1, round((n * mh / mw) ** 0.5))
         hw = (h, n // h)
         if hw[0] * hw[1] != n:
             raise ValueError(f"cannot place {n} positions on a {mh}x{mw} mask's grid")
-    g = F.interpolate(mask.float()[None, None], size=hw, mode="area" if mask.shape[-1] >= hw[1] else "bilinear")
-    g = g.to(output.device, output.dtype)
-    return g if output.ndim == 4 else g.flatten(2).transpose(1, 2)
+    g = resize_gate(mask, hw).to(output.device, output.dtype)
+    return g.view(1, 1, *hw) if output.ndim == 4 else g.view(1, -1, 1)
 
 
 @contextlib.contextmanager
 def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet, torch.Tensor]]) -> Iterator[None]:
     """Each residual set adds ``gate ⊙ ΔW x`` to its layers' outputs, its gate its own mask [H, W] (image size);
-    differentiable in the sets' factors (for training), hooks removed on exit."""
+    differentiable in the sets' factors (for training), hooks removed on exit. ``RegionGate`` computes the same
+    (tested equal) but caches fused factors per run, which training would leave stale."""
     handles = []
     paths = sorted({p for rs, _ in sets for p in rs.layers})
     try:
@@ -121,9 +122,10 @@ def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet,
 
 def trainable_copy(rs: ResidualSet, device=None) -> ResidualSet:
     """A copy of a residual set (on ``device``) whose factors can be trained without touching the original's."""
-    layers = {k: LowRank(v.down.detach().to(device).clone(), v.up.detach().to(device).clone(), v.alpha, v.conv)
-              for k, v in rs.layers.items()}
-    return ResidualSet(layers, dict(rs.metadata))
+    copy = rs.detached()
+    for layer in copy.layers.values():
+        layer.down, layer.up = layer.down.to(device), layer.up.to(device)
+    return copy
 
 
 def spread_rows(n: int, limit: int) -> list[int]:
