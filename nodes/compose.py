@@ -211,18 +211,18 @@ class TrainConceptsTogether(io.ComfyNode):
     def execute(cls, model, clip, vae, residuals_a, images_a, residuals_b, images_b, caption, steps, learning_rate,
                 batch_size, seed, resolution, views, max_pairs, scale, masks_a=None, masks_b=None):
         tokens = []
-        for tag, rs in (("A", residuals_a), ("B", residuals_b)):
+        for rs in (residuals_a, residuals_b):
             checked_sites(model, rs)
             tokens.append((rs.metadata.get("token", ""), rs.metadata.get("class_word", "")))
-            if not all(tokens[-1]):
-                raise ValueError(f"residuals {tag} do not name their token and class word (not trained by this pack?): "
-                                 "write the caption yourself")
-        if tokens[0][0] == tokens[1][0]:
+        if tokens[0][0] and tokens[0][0] == tokens[1][0]:
             raise ValueError(f"both residual sets use the token '{tokens[0][0]}': retrain one with another token, "
                              "or the caption cannot tell them apart")
+        if not caption.strip() and not all(w for pair in tokens for w in pair):
+            raise ValueError("a residual set does not name its token and class word (not trained by this pack?): "
+                             "write the caption yourself, naming both concepts, A first")
         caption = caption.strip() or f"a photo of a {tokens[0][0]} {tokens[0][1]} and a {tokens[1][0]} {tokens[1][1]}"
-        for tok, cls_word in tokens:
-            P.concept_positions(clip, caption, [tok, cls_word])  # clear error for a word the caption lacks
+        for words in tokens:
+            P.concept_positions(clip, caption, [w for w in words if w])  # clear error for a word the caption lacks
         masks_a = training.check_images(images_a, masks_a)
         masks_b = training.check_images(images_b, masks_b)
 
