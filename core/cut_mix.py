@@ -104,14 +104,22 @@ def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet,
     (tested equal) but caches fused factors per run, which training would leave stale."""
     handles = []
     paths = sorted({p for rs, _ in sets for p in rs.layers})
+    gates: dict[tuple, torch.Tensor] = {}  # resized once per set, layout, device and dtype, not per layer and step
+
+    def gate(i: int, output: torch.Tensor) -> torch.Tensor:
+        key = (i, output.ndim, tuple(output.shape[1:]), output.device, output.dtype)
+        if key not in gates:
+            gates[key] = _spatial_gate(sets[i][1], output)
+        return gates[key]
     try:
         for path in paths:
-            layers: list[tuple[LowRank, torch.Tensor]] = [(rs.layers[path], m) for rs, m in sets if path in rs.layers]
+            layers: list[tuple[int, LowRank]] = [(i, rs.layers[path]) for i, (rs, _) in enumerate(sets)
+                                                 if path in rs.layers]
 
             def hook(mod, inputs, output, layers=layers):
                 x = inputs[0]
-                for layer, mask in layers:
-                    output = output + _spatial_gate(mask, output) * lora_forward(layer, x.to(output.dtype))
+                for i, layer in layers:
+                    output = output + gate(i, output) * lora_forward(layer, x.to(output.dtype))
                 return output
             handles.append(modules[path].register_forward_hook(hook))
         yield
