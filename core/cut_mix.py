@@ -1,7 +1,8 @@
 """Cut-Mix training for composing learned concepts (SVDiff, Han et al. 2023), adapted to region-gated residuals.
 
 SVDiff trains one model on images made by cutting two concepts' photos and putting them side by side, captioned
-"V1 … and V2 …", so the model sees both concepts in one picture. Here each concept keeps its own residual set: both
+"V1 … and V2 …", so the model sees both concepts in one picture; its Unmix term (``unmix_loss``) also penalises
+each concept's cross-attention outside its own half. Here each concept keeps its own residual set: both
 sets are fine-tuned together on such images, each gated by its own half (as Apply Regions gates them at sampling
 time), so each residual learns its concept while the other one acts on the other half, and what a gated residual
 spreads across the image (group norms, self-attention) is trained against instead of left to chance.
@@ -9,13 +10,15 @@ spreads across the image (group norms, self-attention) is trained against instea
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .extract import HandleAttention
 from .lora_files import lora_forward
+from .masks import block_hw
 from .regions import resize_gate
 from .residuals import LowRank, ResidualSet
 
@@ -126,6 +129,38 @@ def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet,
     finally:
         for h in handles:
             h.remove()
+
+
+def unmix_loss(maps: list[torch.Tensor], regions: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """SVDiff's Unmix regularisation: the mean squared cross-attention of each concept's tokens outside its own region.
+
+    ``maps`` one [B, K, N] tensor per attention layer (concept k's token attention at N positions, e.g. from
+    ``core.extract.HandleAttention``); ``regions`` K masks [H, W] (concept k's own region, e.g. its half);
+    ``latent_hw`` places each layer's N positions. Zero exactly when no concept attends outside its region."""
+    if not maps:
+        raise ValueError("no attention maps were captured: the model has no cross-attention on these layers")
+    per_layer = []
+    for m in maps:
+        hw = block_hw(m.shape[-1], latent_hw)
+        outside = torch.stack([1 - resize_gate(r, hw) for r in regions]).to(m.device, m.dtype)  # [K, N]
+        per_layer.append((m * outside).pow(2).mean())
+    return torch.stack(per_layer).mean()
+
+
+@contextlib.contextmanager
+def unmix_term(sites: list, positions: list[list[int]], regions: list[torch.Tensor], latent_hw: tuple[int, int],
+               weight: float) -> Iterator[Callable[[], torch.Tensor]]:
+    """Captures each concept's token attention (``positions[k]`` in the caption) on every cross-attention of
+    ``sites`` and yields the ``extra_loss`` for ``training.train``: ``weight`` x ``unmix_loss`` of the maps the
+    last prediction left (then forgotten). Hooks removed on exit."""
+    capture = HandleAttention(sites)
+    capture.positions = positions
+
+    def term() -> torch.Tensor:
+        maps, capture.maps = capture.maps, []
+        return weight * unmix_loss(maps, regions, latent_hw)
+    with capture:
+        yield term
 
 
 def trainable_copy(rs: ResidualSet, device=None) -> ResidualSet:

@@ -170,12 +170,14 @@ def make_views(images: torch.Tensor, masks: torch.Tensor | None, resolution: int
 
 def train(params: list[torch.Tensor], predict, latents: torch.Tensor, contexts: torch.Tensor,
           alphas_cumprod: torch.Tensor, prediction: str = "eps", masks: torch.Tensor | None = None,
-          config: TrainConfig = TrainConfig(), progress=None) -> list[float]:
+          config: TrainConfig = TrainConfig(), progress=None, extra_loss=None) -> list[float]:
     """Optimise ``params`` (AdamW) on the diffusion loss; returns the loss of every step.
 
     latents [V, C, h, w]; contexts [V or 1, L, D]; masks [V, 1, h, w] (latent resolution) or None.
     ``predict(x_t, t, context)`` returns the model's output of type ``prediction``.
     ``progress(step, total, loss)`` is called after each step. Deterministic for a given ``config.seed``.
+    ``extra_loss()``, when given, is called after each prediction and its value added (a regulariser that reads
+    what the prediction left behind, e.g. attention maps).
     """
     if config.objective not in PREDICTIONS:
         raise ValueError(f"unknown objective {config.objective!r}")
@@ -204,6 +206,8 @@ def train(params: list[torch.Tensor], predict, latents: torch.Tensor, contexts: 
         target = objective_target(noise, x0, x_t, a, config.objective)
         pred = convert_prediction(predict(x_t, t, ctx), prediction, config.objective, x_t, a)
         loss = diffusion_loss(pred, target, masks[idx] if masks is not None else None)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         optimizer_step(opt, loss, step, config, losses, progress, "check the images for NaNs, ")
     for p in params:
         p.requires_grad_(False)

@@ -1,6 +1,7 @@
 """Compose: several learned concepts or community LoRAs in one image, each in its own region, in one pass."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import comfy.utils
@@ -12,7 +13,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 from ..core import lora_files as L
 from ..core import training
 from ..core.compose import OVERLAP_RULES
-from ..core.cut_mix import cut_mix, gated_residuals, spread_rows, trainable_copy
+from ..core.cut_mix import cut_mix, gated_residuals, spread_rows, trainable_copy, unmix_term
 from ..core.layouts import family_label
 from ..core.masks import RULES
 from ..core.patching import comfy as P
@@ -193,6 +194,10 @@ class TrainConceptsTogether(io.ComfyNode):
                 io.Float.Input("scale", default=1.0, min=0.25, max=1.0, step=0.05,
                                tooltip="Shrink each photo first (border pixels fill the frame), so the objects "
                                        "are the size they have when two share a picture. 1: no shrinking."),
+                io.Float.Input("unmix_weight", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="SVDiff's Unmix term: penalises each token's cross-attention in the other "
+                                       "concept's half, at this weight (0: off). Needs both files' tokens. On the "
+                                       "toy world 5 and 20 did not help (README, Cut-Mix)."),
                 io.Mask.Input("masks_a", optional=True,
                               tooltip="Optional: one mask per A photo; the cut is centred on it (else the centre)."),
                 io.Mask.Input("masks_b", optional=True, tooltip="Optional: one mask per B photo, as masks_a."),
@@ -209,7 +214,7 @@ class TrainConceptsTogether(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, residuals_a, images_a, residuals_b, images_b, caption, steps, learning_rate,
-                batch_size, seed, resolution, views, max_pairs, scale, masks_a=None, masks_b=None):
+                batch_size, seed, resolution, views, max_pairs, scale, unmix_weight=0.0, masks_a=None, masks_b=None):
         tokens = []
         for rs in (residuals_a, residuals_b):
             checked_sites(model, rs)
@@ -223,6 +228,9 @@ class TrainConceptsTogether(io.ComfyNode):
         caption = caption.strip() or f"a photo of a {tokens[0][0]} {tokens[0][1]} and a {tokens[1][0]} {tokens[1][1]}"
         for words in tokens:
             P.concept_positions(clip, caption, [w for w in words if w])  # clear error for a word the caption lacks
+        if unmix_weight > 0 and not all(token for token, _ in tokens):
+            raise ValueError("unmix_weight needs each residual set's token (the attention it confines to its half), "
+                             "and a file here names none: set unmix_weight to 0, or retrain it with this pack")
         masks_a = training.check_images(images_a, masks_a)
         masks_b = training.check_images(images_b, masks_b)
 
@@ -244,14 +252,20 @@ class TrainConceptsTogether(io.ComfyNode):
             trainer = _ResidualTrainer([p for rs in sets for p in rs.parameters()], config, progress, None)
             guider = Guider_Basic(mp)
             guider.set_conds(cond)
-            with gated_residuals(P.model_modules(mp), [(sets[0], left), (sets[1], right)]):
+            unmix = contextlib.nullcontext()
+            if unmix_weight > 0:
+                positions = [P.concept_positions(clip, caption, [token]) for token, _ in tokens]
+                unmix = unmix_term(P.model_sites(mp), positions, [left, right], tuple(latents.shape[-2:]), unmix_weight)
+            with gated_residuals(P.model_modules(mp), [(sets[0], left), (sets[1], right)]), unmix as extra:
+                trainer.extra_loss = extra
                 guider.sample(torch.zeros_like(latents), latents, trainer, torch.zeros(len(latents)), seed=seed)
         out = []
         for rs, (other, _) in zip(sets, reversed(tokens), strict=True):
             rs = rs.detached()
             for layer in rs.layers.values():
                 layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
-            rs.metadata.update(cut_mix_with=other, cut_mix_caption=caption, cut_mix_steps=str(steps))
+            rs.metadata.update(cut_mix_with=other, cut_mix_caption=caption, cut_mix_steps=str(steps),
+                               cut_mix_unmix=f"{unmix_weight:g}")
             out.append(rs)
         log.info("trained %s and %s together on %d Cut-Mix images: loss %.4f -> %.4f", tokens[0][0], tokens[1][0],
                  mixed.shape[0], trainer.losses[0], trainer.losses[-1])

@@ -38,6 +38,7 @@ class _ResidualTrainer(comfy.samplers.Sampler):
     def __init__(self, params, config, progress, masks, caption_of_view=None):
         self.params, self.config, self.progress, self.masks = params, config, progress, masks
         self.caption_of_view = caption_of_view  # [V] caption index of each view (NamedCondGuider keys caption_<i>)
+        self.extra_loss = None  # added to every step's loss (training.train's extra_loss)
         self.losses = []
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -67,7 +68,7 @@ class _ResidualTrainer(comfy.samplers.Sampler):
         else:  # each view's caption index travels as its "context"
             context = self.caption_of_view.to(latent_image.device, torch.float32).view(-1, 1, 1)
         self.losses = training.train(self.params, predict, latent_image.float(), context, alphas_cumprod, "x0",
-                                     masks, self.config, self.progress)
+                                     masks, self.config, self.progress, self.extra_loss)
         return latent_image
 
 

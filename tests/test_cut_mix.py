@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from core import residuals as R
-from core.cut_mix import cut_mix, gated_residuals, shrink, spread_rows, trainable_copy, window
-from core.patching.diffusers import encode_text, unet_modules
+from core import training
+from core.cut_mix import cut_mix, gated_residuals, shrink, spread_rows, trainable_copy, unmix_loss, unmix_term, window
+from core.patching.diffusers import encode_text, unet_modules, unet_sites
 from core.regions import Region, RegionGate
 from core.residuals import LowRank
 
@@ -129,3 +130,46 @@ def test_spread_rows_keeps_every_row_up_to_the_limit_and_spreads_beyond_it():
     assert len(rows) == len(set(rows)) == 16 and rows[0] == 0 and rows[-1] == 63
     with pytest.raises(ValueError):
         spread_rows(4, 0)
+
+
+def test_unmix_loss_is_the_mean_square_of_each_concepts_attention_outside_its_own_region():
+    left, right = torch.zeros(4, 4), torch.zeros(4, 4)
+    left[:, :2], right[:, 2:] = 1, 1
+    inside = torch.stack([left.flatten(), right.flatten()])[None] * 0.7  # [1, 2, 16]: each concept in its half
+    assert unmix_loss([inside], [left, right], (4, 4)) == 0
+    swapped = inside.flip(1)  # each concept entirely in the other's half: 8 of 16 positions at 0.7, per concept
+    assert torch.isclose(unmix_loss([swapped], [left, right], (4, 4)), torch.tensor(0.49 * 8 / 16))
+    coarse = torch.full((1, 2, 4), 0.5)  # a 2x2 layer: the regions are resized to it; the layers are averaged
+    assert torch.isclose(unmix_loss([swapped, coarse], [left, right], (4, 4)), torch.tensor((0.245 + 0.125) / 2))
+    with pytest.raises(ValueError, match="no attention maps"):
+        unmix_loss([], [left, right], (4, 4))
+
+
+def test_unmix_term_over_every_token_with_no_region_is_its_weight_and_trains_the_residuals(sd1_unet, call):
+    """Attention over all tokens sums to 1 at every position, so with every token and an empty region the term
+    is exactly its weight; with halves it is differentiable in the gated residuals and adds to the training loss."""
+    x, t, ctx = call
+    sites, modules = unet_sites(sd1_unet), unet_modules(sd1_unet)
+    everything = [list(range(ctx.shape[1]))]
+    with unmix_term(sites, everything, [torch.zeros(16, 16)], (8, 8), 3.0) as term, torch.no_grad():
+        sd1_unet(x, t, encoder_hidden_states=ctx)
+        assert torch.isclose(term(), torch.tensor(3.0), atol=1e-5)
+    paths = [p for p in modules if p.endswith("proj_out")]
+    live = trainable_copy(random_set(modules, paths, 4))
+    for p in live.parameters():
+        p.requires_grad_(True)
+    left = torch.zeros(16, 16)
+    left[:, :8] = 1
+    with gated_residuals(modules, [(live, left)]), unmix_term(sites, [[5]], [left], (8, 8), 1.0) as term:
+        sd1_unet(x, t, encoder_hidden_states=ctx)
+        term().backward()
+    # the maps read the hidden states that earlier blocks' residuals change (the last block's reaches no attention)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in live.parameters())
+    assert not any(m._forward_hooks for m in sd1_unet.modules())  # no hook left behind
+
+    def losses(extra):
+        params = [torch.zeros(1, requires_grad=True)]
+        cfg = training.TrainConfig(steps=3, batch_size=1, learning_rate=1e-3, seed=0)
+        return training.train(params, lambda x_t, t_, c: x_t * 0 + params[0], x[:1], ctx[1:],
+                              torch.linspace(0.99, 0.01, 10), "eps", None, cfg, extra_loss=extra)
+    assert torch.allclose(torch.tensor(losses(lambda: torch.tensor(0.25))), torch.tensor(losses(None)) + 0.25)

@@ -21,6 +21,7 @@ training prompts; kept: every row of 24 base captions of scenes 90,000,000+). ``
 rows: both residuals fine-tuned together for STEPS on Cut-Mix images (SVDiff: every pair of the two concepts'
 renders side by side, A left, "a sks shape and a zwx shape on a ⟨bg⟩ background"), each gated by its own half
 as the masks row samples them (``core.cut_mix``); the pairs cut from pixels, or re-rendered at two-object size.
+``--unmix W`` adds SVDiff's Unmix term to that training (each token's cross-attention outside its half).
 Scores from the judge: both recognised (left object = A, right = B, every attribute), leakage (an
 object carries the other concept's colour or shape), two objects drawn (any attributes). Sampling noise seeds
 801-808, none used in training.
@@ -28,6 +29,7 @@ object carries the other concept's colour or shape), two objects drawn (any attr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +40,7 @@ import torch
 
 from core import training
 from core.compose import custom_diffusion_merge_layers
-from core.cut_mix import cut_mix, gated_residuals, trainable_copy
+from core.cut_mix import cut_mix, gated_residuals, trainable_copy, unmix_term
 from core.localize import ResidualGate, cfg_plan
 from core.patching import diffusers as D
 from core.regions import Region, RegionGate, plan_rows
@@ -127,9 +129,10 @@ def cut_mix_data(concepts: dict, rerender: bool) -> tuple[torch.Tensor, list[str
 
 
 def learn_cut_mix(unet, te, tok, learned: dict, concepts: dict, halves: dict, steps: int, lr: float,
-                  rerender: bool) -> tuple[dict, float]:
+                  rerender: bool, unmix: float = 0.0) -> tuple[dict, float]:
     """Both concepts' residuals fine-tuned together on Cut-Mix images (SVDiff), each gated by its own half as the
-    masks row samples them (``core.cut_mix``); returns ({token: ResidualSet}, seconds)."""
+    masks row samples them (``core.cut_mix``), with SVDiff's Unmix term at weight ``unmix`` (0: off) on each
+    token's attention; returns ({token: ResidualSet}, seconds)."""
     images, caps = cut_mix_data(concepts, rerender)
     views, _ = training.make_views(images, None, S.SIZE, 4, TRAIN_SEED, False)
     latents = D.encode_images(M.VAE(), views).float()
@@ -139,9 +142,12 @@ def learn_cut_mix(unet, te, tok, learned: dict, concepts: dict, halves: dict, st
     cfg = training.TrainConfig(steps=steps, batch_size=4, learning_rate=lr, seed=TRAIN_SEED, objective="v")
     unet.requires_grad_(False)
     t0 = time.time()
-    with gated_residuals(D.unet_modules(unet), [(sets[t], halves[t]) for t in concepts]):
+    positions = [D.concept_positions(tok, caps[0], [t]) for t in concepts]  # the same in every caption
+    term = unmix_term(D.unet_sites(unet), positions, [halves[t] for t in concepts], tuple(latents.shape[-2:]),
+                      unmix) if unmix > 0 else contextlib.nullcontext()
+    with gated_residuals(D.unet_modules(unet), [(sets[t], halves[t]) for t in concepts]), term as extra:
         training.train(params, lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample, latents, context,
-                       M.train_alphas_cumprod(), "v", None, cfg)
+                       M.train_alphas_cumprod(), "v", None, cfg, extra_loss=extra)
     return {t: rs.detached() for t, rs in sets.items()}, time.time() - t0
 
 
@@ -254,7 +260,7 @@ def score(reading: J.Reading, concepts: dict = CONCEPTS) -> tuple[bool, bool]:
 
 def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEEDS), n_prompts: int = 4,
         concept_set: str = "new", lr: float = 1e-3, with_captions: bool = False, rank: int = 0,
-        custom_diffusion: bool = False, cut_mix_steps: int = 0, only: tuple[str, ...] = ()) -> dict:
+        custom_diffusion: bool = False, cut_mix_steps: int = 0, only: tuple[str, ...] = (), unmix: float = 0.0) -> dict:
     concepts = CONCEPT_SETS[concept_set]
     unet, te, tok = M.load(weights)
     judge = J.load(judge_path)
@@ -309,10 +315,12 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
         names[-1:-1] = list(kv_rows)
     cut_sets = {}
     if cut_mix_steps:
-        res["cut_mix"] = {"steps": cut_mix_steps, "train_seconds": {}}
+        res["cut_mix"] = {"steps": cut_mix_steps, "unmix": unmix, "train_seconds": {}}
         for name, rerender in (("cut_mix_masks", False), ("cut_mix_rerendered_masks", True)):
+            if only and name not in only:
+                continue
             cut_sets[name], sec = learn_cut_mix(unet, te, tok, learned, concepts, {"sks": left, "zwx": right},
-                                                cut_mix_steps, lr, rerender)
+                                                cut_mix_steps, lr, rerender, unmix)
             res["cut_mix"]["train_seconds"][name] = round(sec, 1)
         names[-1:-1] = list(cut_sets)
     if only:
@@ -385,6 +393,8 @@ def main(argv=None):
     ap.add_argument("--cut-mix", type=int, default=0, metavar="STEPS",
                     help="also fine-tune both residuals together for STEPS on Cut-Mix images of their renders, each "
                          "gated by its half (core.cut_mix; cut from pixels, and re-rendered), sampled as the masks row")
+    ap.add_argument("--unmix", type=float, default=0.0, metavar="WEIGHT",
+                    help="with --cut-mix: SVDiff's Unmix term at this weight (each token's attention outside its half)")
     ap.add_argument("--rows", default="", help="comma-separated rows to sample (default: all)")
     ap.add_argument("--json", default="bench/toyworld/results/compose.json")
     args = ap.parse_args(argv)
@@ -392,7 +402,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO)
     res = run(args.weights, args.judge, args.steps, args.seeds, args.prompts, args.concepts, args.lr, args.captions,
               args.rank, args.custom_diffusion, args.cut_mix,
-              tuple(r.strip() for r in args.rows.split(",") if r.strip()))
+              tuple(r.strip() for r in args.rows.split(",") if r.strip()), args.unmix)
     print(table(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

@@ -1,4 +1,5 @@
 """Compose in a real ComfyUI: regions of learned residuals and LoRA files in one pass, against ComfyUI's own."""
+import copy
 import uuid
 
 import pytest
@@ -221,3 +222,43 @@ def test_cut_mix_refuses_two_sets_with_one_token(comfy_server):
     p["8"]["inputs"]["token"] = "sks"
     add_inputs(comfy_server)
     assert "both residual sets use the token 'sks'" in comfy_server.run_expect_error(p)
+
+
+def test_cut_mix_unmix_changes_the_training_and_is_recorded(comfy_server):
+    from core.residuals import load
+
+    tag = f"cutmix_unmix_{uuid.uuid4().hex[:6]}"
+    p, add_inputs = cut_mix_prompt(tag)
+    p["92"] = {"class_type": "ConceptsTrainTogether", "inputs": dict(p["9"]["inputs"], unmix_weight=20.0)}
+    p["93"] = {"class_type": "ConceptsSaveResiduals",
+               "inputs": {"residuals": ["92", 0], "save_name": f"tests/{tag}_unmix_0", "overwrite": False}}
+    add_inputs(comfy_server)
+    comfy_server.run(p)
+    loras = comfy_server.base_dir / "models" / "loras" / "tests"
+    plain, unmixed = (load(str(loras / f"{tag}_{k}.safetensors")) for k in ("together_0", "unmix_0"))
+    assert (plain.metadata["cut_mix_unmix"], unmixed.metadata["cut_mix_unmix"]) == ("0", "20")
+    assert any(not torch.equal(plain.layers[k].up, unmixed.layers[k].up) for k in plain.layers)
+
+
+def test_cut_mix_takes_a_written_caption_for_a_file_without_a_token(comfy_server, sd15_lora):
+    """A LoRA file that names no token (not trained by this pack) composes when the caption is written; the empty
+    caption and the Unmix term, which need its token, say so."""
+    from core import residuals as R
+
+    loras = comfy_server.base_dir / "models" / "loras"
+    rs = R.load(str(loras / sd15_lora))
+    for key in ("token", "class_word"):
+        rs.metadata.pop(key, None)
+    tag = f"cutmix_notoken_{uuid.uuid4().hex[:6]}"
+    R.save(rs, str(loras / "tests" / f"{tag}_file.safetensors"))
+    p, add_inputs = cut_mix_prompt(tag, caption="a photo of a sks toy and a ball")
+    p["8"] = {"class_type": "ConceptsLoadResiduals", "inputs": {"residual_name": f"tests/{tag}_file.safetensors"}}
+    add_inputs(comfy_server)
+    for change, message in (({"caption": ""}, "write the caption yourself"),
+                            ({"unmix_weight": 1.0}, "unmix_weight needs each residual set's token")):
+        bad = copy.deepcopy(p)
+        bad["9"]["inputs"].update(change)
+        assert message in comfy_server.run_expect_error(bad)
+    comfy_server.run(p)
+    together_b = R.load(str(loras / "tests" / f"{tag}_together_1.safetensors"))
+    assert together_b.metadata["cut_mix_with"] == "sks" and "token" not in together_b.metadata
