@@ -131,19 +131,24 @@ def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet,
             h.remove()
 
 
-def unmix_loss(maps: list[torch.Tensor], regions: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
+def unmix_loss(maps: list[torch.Tensor], regions: list[torch.Tensor], latent_hw: tuple[int, int],
+               outside_cache: dict | None = None) -> torch.Tensor:
     """SVDiff's Unmix regularisation: the mean squared cross-attention of each concept's tokens outside its own region.
 
     ``maps`` one [B, K, N] tensor per attention layer (concept k's token attention at N positions, e.g. from
     ``core.extract.HandleAttention``); ``regions`` K masks [H, W] (concept k's own region, e.g. its half);
-    ``latent_hw`` places each layer's N positions. Zero exactly when no concept attends outside its region."""
+    ``latent_hw`` places each layer's N positions; ``outside_cache`` keeps the resized regions between calls.
+    Zero exactly when no concept attends outside its region."""
     if not maps:
         raise ValueError("no attention maps were captured: the model has no cross-attention on these layers")
+    cache = {} if outside_cache is None else outside_cache
     per_layer = []
     for m in maps:
-        hw = block_hw(m.shape[-1], latent_hw)
-        outside = torch.stack([1 - resize_gate(r, hw) for r in regions]).to(m.device, m.dtype)  # [K, N]
-        per_layer.append((m * outside).pow(2).mean())
+        key = (m.shape[-1], m.device, m.dtype)
+        if key not in cache:
+            hw = block_hw(m.shape[-1], latent_hw)
+            cache[key] = torch.stack([1 - resize_gate(r, hw) for r in regions]).to(m.device, m.dtype)  # [K, N]
+        per_layer.append((m * cache[key]).pow(2).mean())
     return torch.stack(per_layer).mean()
 
 
@@ -155,10 +160,11 @@ def unmix_term(sites: list, positions: list[list[int]], regions: list[torch.Tens
     last prediction left (then forgotten). Hooks removed on exit."""
     capture = HandleAttention(sites)
     capture.positions = positions
+    outside: dict = {}  # each layer size's regions resized once, not at every step
 
     def term() -> torch.Tensor:
         maps, capture.maps = capture.maps, []
-        return weight * unmix_loss(maps, regions, latent_hw)
+        return weight * unmix_loss(maps, regions, latent_hw, outside)
     with capture:
         yield term
 
