@@ -14,6 +14,11 @@ A zero scale gives a correction of exactly zero. With a neutral prediction eps_n
 concept word, e.g. "a car" for "a red car"), the direction is eps_s - eps_n instead of eps_s - eps_u: only what the
 concept word adds is steered away from, not the rest of its prompt (the contrast concept sliders train on, applied
 at sampling time; one more prediction per step).
+
+With ``preserve`` predictions eps_1..eps_n (prompts to keep, e.g. the other colours), the correction is gated per
+sample and step: with m the mean of eps_s, eps_1..eps_n, it applies only while eps_c - m, taken over the whole
+latent, is closer in direction (cosine) to eps_s - m than to every eps_i - m, by more than ``margin``; elsewhere it
+is exactly zero (one more prediction per preserved prompt and step).
 """
 from __future__ import annotations
 
@@ -42,22 +47,46 @@ def sld_momentum(gamma: torch.Tensor, velocity: torch.Tensor | None, momentum_sc
     return guided, nxt
 
 
+def preserve_gate(cond: torch.Tensor, concept: torch.Tensor, preserve: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                  margin: float = 0.0) -> torch.Tensor:
+    """1 for each sample whose prediction is closer in direction to the concept's than to every preserved prompt's
+    by more than ``margin``, else 0; shaped [B, 1, ...] to multiply a correction. Directions are taken from the
+    candidates' mean (concept and preserved), over the whole latent: what they share (the object, the layout)
+    cancels and what tells them apart is compared."""
+    centre = torch.stack([concept, *preserve]).float().mean(0)
+
+    def direction(eps):
+        return (eps.float() - centre).flatten(1)
+
+    sample = direction(cond)
+    to_concept = torch.nn.functional.cosine_similarity(sample, direction(concept), dim=1)
+    gate = torch.ones_like(to_concept, dtype=torch.bool)
+    for eps in preserve:
+        gate &= to_concept > torch.nn.functional.cosine_similarity(sample, direction(eps), dim=1) + margin
+    return gate.to(cond.dtype).reshape(-1, *([1] * (cond.dim() - 1)))
+
+
 def steering_correction(cond: torch.Tensor, uncond: torch.Tensor, concept: torch.Tensor, scale: float,
                         cfg_scale: float = 1.0, mode: str = "negative", threshold: float = 0.0,
-                        neutral: torch.Tensor | None = None) -> torch.Tensor:
+                        neutral: torch.Tensor | None = None, preserve=(), margin: float = 0.0) -> torch.Tensor:
     """The term to add to the CFG noise prediction to steer away from ``concept`` (see the module docstring)."""
     base = uncond if neutral is None else neutral
     if mode == "negative":
-        return -scale * (concept - base)
-    if mode == "sld":
-        return -cfg_scale * sld_gamma(cond, base, concept, scale, threshold)
-    raise ValueError(f"unknown steering mode {mode!r}; use one of {MODES}")
+        correction = -scale * (concept - base)
+    elif mode == "sld":
+        correction = -cfg_scale * sld_gamma(cond, base, concept, scale, threshold)
+    else:
+        raise ValueError(f"unknown steering mode {mode!r}; use one of {MODES}")
+    if preserve:
+        correction = correction * preserve_gate(cond, concept, preserve, margin)
+    return correction
 
 
 def steer_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, cond_denoised: torch.Tensor,
                    uncond_denoised: torch.Tensor, concept_denoised: torch.Tensor, scale: float, cfg_scale: float,
                    mode: str = "negative", threshold: float = 0.0,
-                   neutral_denoised: torch.Tensor | None = None) -> torch.Tensor:
+                   neutral_denoised: torch.Tensor | None = None, preserve_denoised=(),
+                   margin: float = 0.0) -> torch.Tensor:
     """The same steering for a sampler that works with denoised x0 = x - sigma * eps (ComfyUI, k-diffusion)."""
     s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
@@ -66,5 +95,6 @@ def steer_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
 
     neutral = None if neutral_denoised is None else eps(neutral_denoised)
     correction = steering_correction(eps(cond_denoised), eps(uncond_denoised), eps(concept_denoised), scale,
-                                     cfg_scale, mode, threshold, neutral)
+                                     cfg_scale, mode, threshold, neutral, [eps(d) for d in preserve_denoised],
+                                     margin)
     return denoised - s * correction

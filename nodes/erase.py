@@ -288,15 +288,29 @@ class SteerAwayFromConcept(io.ComfyNode):
                 io.Float.Input("momentum_beta", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="sld only: SLD's momentum beta, how long the momentum remembers (weak 0, "
                                        "medium 0.4, strong and max 0.7)."),
+                io.String.Input("preserve", default="", multiline=True, optional=True,
+                                tooltip="Prompts to keep, one per line (e.g. 'a blue car', 'a green car'): an image "
+                                        "is steered at a step only while the model's prediction for it is nearer "
+                                        "in direction to the concept's than to each of these (whole image, from "
+                                        "their mean), so prompts that ask for them are left alone. One more "
+                                        "prediction per line and step. Empty: always steer, as before."),
+                io.Float.Input("preserve_margin", default=0.0, min=-1.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With preserve: steer only where the prediction is nearer the concept than "
+                                       "every kept prompt by more than this (a cosine difference); higher keeps "
+                                       "more, lower steers more."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the steering patch (a clone).")],
         )
 
     @classmethod
     def execute(cls, model, clip, concept, scale, mode, threshold, start_percent, end_percent, neutral="",
-                momentum=0.0, momentum_beta=0.0):
+                momentum=0.0, momentum_beta=0.0, preserve="", preserve_margin=0.0):
         if not concept.strip():
             raise ValueError("give the concept to steer away from")
+        kept = _lines(preserve)
+        if concept.strip() in kept:
+            raise ValueError(f"'{concept.strip()}' is both the concept and a preserved prompt: a prompt cannot be "
+                             "steered away from and kept; remove it from preserve")
         if neutral.strip() and neutral.strip() == concept.strip():
             raise ValueError(f"the neutral prompt is the concept itself ('{concept}'): give the concept prompt "
                              "without the concept (e.g. 'a car' for 'a red car'), or leave neutral empty")
@@ -308,7 +322,8 @@ class SteerAwayFromConcept(io.ComfyNode):
             return comfy.sampler_helpers.convert_cond(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
         post_cfg = steering_post_cfg(encode(concept), scale, mode, threshold, sigma_range,
                                      comfy.samplers.calc_cond_batch, comfy.samplers.encode_model_conds,
-                                     encode(neutral) if neutral.strip() else None, (momentum, momentum_beta))
+                                     encode(neutral) if neutral.strip() else None, (momentum, momentum_beta),
+                                     [encode(text) for text in kept], preserve_margin)
         return io.NodeOutput(add_steering(model, post_cfg))
 
 

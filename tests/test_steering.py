@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from core.steering import MODES, SLD_PRESETS, sld_gamma, sld_momentum, steer_denoised, steering_correction
+from core.steering import (
+    MODES,
+    SLD_PRESETS,
+    preserve_gate,
+    sld_gamma,
+    sld_momentum,
+    steer_denoised,
+    steering_correction,
+)
 
 
 def preds(seed=0, shape=(2, 4, 8, 8)):
@@ -136,3 +144,64 @@ def test_post_cfg_momentum_accumulates_in_the_warm_up_applies_after_and_resets_o
     again = run(with_m)  # a second run starts from nu = 0 again
     for a, b in zip(again, out_m, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def _unit(*values):
+    v = torch.zeros(1, 4, 2, 2)
+    v.view(-1)[: len(values)] = torch.tensor(values)
+    return v
+
+
+def test_preserve_gate_opens_only_where_the_prediction_is_nearer_the_concept_than_every_kept_prompt():
+    """Sample 0 predicts (near) the concept, sample 1 (near) a preserved prompt: the correction is the ungated one
+    for sample 0 and exactly zero for sample 1; with nothing to preserve it is never gated."""
+    gen = torch.Generator().manual_seed(5)
+    uncond, concept, kept = (torch.randn(2, 4, 2, 2, generator=gen) for _ in range(3))
+    noise = 0.05 * torch.randn(2, 4, 2, 2, generator=gen)
+    cond = torch.stack([concept[0], kept[1]]) + noise
+    for mode in MODES:
+        plain = steering_correction(cond, uncond, concept, 3.0, 5.0, mode, 0.01)
+        gated = steering_correction(cond, uncond, concept, 3.0, 5.0, mode, 0.01, preserve=[kept])
+        assert torch.equal(gated[0], plain[0]), mode
+        assert torch.equal(gated[1], torch.zeros_like(gated[1])), mode
+        assert torch.equal(steering_correction(cond, uncond, concept, 3.0, 5.0, mode, 0.01, preserve=()), plain)
+    assert preserve_gate(cond, concept, [kept]).flatten().tolist() == [1.0, 0.0]
+
+
+def test_preserve_gate_compares_directions_from_the_candidates_mean_with_a_cosine_margin():
+    """Concept (1, 0) and kept (-1, 0) have the mean 0; a prediction (0.1, sqrt(0.99)) has cosine 0.1 to the
+    concept and -0.1 to the kept prompt: open for margins below 0.2, shut above. What every candidate shares is
+    not compared: adding it to all of them (and the prediction) changes nothing."""
+    concept, kept, cond = _unit(1, 0), _unit(-1, 0), _unit(0.1, 0.99 ** 0.5)
+    shared = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(2)) * 10
+    for offset in (0.0, shared):
+        assert preserve_gate(cond + offset, concept + offset, [kept + offset], margin=0.19).item() == 1.0
+        assert preserve_gate(cond + offset, concept + offset, [kept + offset], margin=0.21).item() == 0.0
+    # every preserved prompt must be farther: the prediction itself kept shuts the gate
+    assert preserve_gate(cond, concept, [kept, cond]).item() == 0.0
+
+
+def test_post_cfg_with_preserved_prompts_predicts_them_and_a_shut_gate_is_the_unsteered_result_exactly():
+    from core.patching.comfy_erase import steering_post_cfg
+
+    gen = torch.Generator().manual_seed(12)
+    x, cond, uncond, concept, neutral = (torch.randn(1, 4, 8, 8, generator=gen) for _ in range(5))
+    seen = []
+
+    def calc_cond_batch(model, conds, x_, sigma, opts):
+        seen.append(list(conds))
+        # "other": on the far side of the concept from the prompt, so the prompt is nearer the concept
+        return [{"c": concept, "n": neutral, "kept": cond, "other": 2 * concept - cond}[c] for c in conds]
+    sigma = torch.tensor([2.0])
+    args = _post_cfg_args(x, sigma, cond, uncond)
+    # the prompt itself preserved: it is nearest to itself, so nothing is steered
+    for mode, momentum in (("negative", (0.0, 0.0)), ("sld", (0.0, 0.0)), ("sld", (0.5, 0.7))):
+        post = steering_post_cfg("c", 3.0, mode, 0.01, (10.0, 0.0), calc_cond_batch, lambda *a: a[1], "n",
+                                 momentum, preserve_conds=["kept"])
+        assert torch.equal(post(dict(args)), args["denoised"]), mode
+    assert seen[0] == ["c", "n", "kept"]
+    post = steering_post_cfg("c", 3.0, "negative", 0.0, (10.0, 0.0), calc_cond_batch, lambda *a: a[1], "n",
+                             preserve_conds=["other"])
+    plain = steering_post_cfg("c", 3.0, "negative", 0.0, (10.0, 0.0), calc_cond_batch, lambda *a: a[1], "n")
+    assert torch.equal(post(dict(args)), plain(dict(args)))
+    assert not torch.allclose(plain(dict(args)), args["denoised"])

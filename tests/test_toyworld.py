@@ -162,3 +162,18 @@ def test_latent_shims_are_exact_and_weights_carry_their_config(tmp_path):
     assert u2.config.in_channels == 12 and u2.config.sample_size == S.SIZE // 2
     imgs = M.generate(u2, te, tok, ["a red circle on the left on a gray background"], seed=0, steps=2)
     assert imgs.shape == (1, S.SIZE, S.SIZE, 3) and torch.isfinite(imgs).all()
+
+
+def test_erase_bench_steering_leaves_a_prompt_it_preserves_alone():
+    """measure_erase's sampler with steering gated by a preserve list: a prompt that is itself preserved samples
+    as the unsteered sampler does; the same steering without the list changes it."""
+    from bench.toyworld import measure_erase as ME
+    from core.patching.diffusers import encode_text
+
+    unet, te, tok = M.load(os.path.join(WEIGHTS, "base.safetensors"))
+    prompt = "a red circle in the middle on a gray background"
+    base = ME.generate(unet, te, tok, [prompt], seed=3)
+    steer = (encode_text(tok, te, ["a red shape"]), 2.0, "negative", 0.0, encode_text(tok, te, ["a blue shape"]))
+    kept = encode_text(tok, te, [prompt, "a green shape"])
+    assert torch.allclose(ME.generate(unet, te, tok, [prompt], seed=3, steer=(*steer, kept)), base, atol=1e-5)
+    assert not torch.allclose(ME.generate(unet, te, tok, [prompt], seed=3, steer=steer), base, atol=1e-2)

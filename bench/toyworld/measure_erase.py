@@ -84,8 +84,9 @@ def encode_word(tok, te):
 @torch.no_grad()
 def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, sld=None):
     """M.generate's DDIM CFG sampler with hooks: ``cond_fn`` transforms the prompt conditioning (LEACE);
-    ``steer = (concept conditioning, scale, mode, threshold[, neutral conditioning])`` adds the steering correction
-    in epsilon space; ``sld = (warm-up steps, momentum scale, beta)``: SLD's warm-up and momentum (mode sld)."""
+    ``steer = (concept conditioning, scale, mode, threshold[, neutral conditioning or None[, preserved prompts'
+    conditioning [n, L, D]]])`` adds the steering correction in epsilon space (gated by the preserved prompts);
+    ``sld = (warm-up steps, momentum scale, beta)``: SLD's warm-up and momentum (mode sld)."""
     cond = D.encode_text(tok, te, prompts)
     if cond_fn is not None:
         cond = cond_fn(cond)
@@ -97,10 +98,15 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, 
     x = torch.randn((b, c.in_channels, c.sample_size, c.sample_size), generator=gen) * sched.init_noise_sigma
     sched.set_timesteps(M.SAMPLE_STEPS)
     parts = [uncond.expand(b, -1, -1), cond]
+    neutral_at, n_preserve = None, 0
     if steer is not None:
         parts.append(steer[0].expand(b, -1, -1))
-        if len(steer) > 4:
+        if len(steer) > 4 and steer[4] is not None:
+            neutral_at = len(parts)
             parts.append(steer[4].expand(b, -1, -1))
+        if len(steer) > 5:
+            n_preserve = len(steer[5])
+            parts += [row[None].expand(b, -1, -1) for row in steer[5]]
     context = torch.cat(parts)
     ac = sched.alphas_cumprod
     velocity = None
@@ -112,14 +118,16 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, 
         a = ac[int(t)].expand(b)
         eps = [training.convert_prediction(o, "v", "eps", x, a) for o in out]
         guided = eps[0] + M.GUIDANCE * (eps[1] - eps[0])
+        neutral = None if neutral_at is None else eps[neutral_at]
+        kept = eps[len(eps) - n_preserve:] if n_preserve else []
         if steer is not None and sld is not None:
-            gamma = sld_gamma(eps[1], eps[3] if len(steer) > 4 else eps[0], eps[2], steer[1], steer[3])
+            gamma = sld_gamma(eps[1], eps[0] if neutral is None else neutral, eps[2], steer[1], steer[3])
             g, velocity = sld_momentum(gamma, velocity, sld[1], sld[2])
             if step >= sld[0]:
                 guided = guided - M.GUIDANCE * g
         elif steer is not None:
             guided = guided + steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3],
-                                                  eps[3] if len(steer) > 4 else None)
+                                                  neutral, kept)
         v = training.convert_prediction(guided, "eps", "v", x, a)
         x = sched.step(v, t, x).prev_sample
     z = M.from_latents(x.float()) if c.in_channels != 3 else x.float()
@@ -252,13 +260,16 @@ def row_leace_neutral(unet, te, tok):
     return row_leace(unet, te, tok, centre="neutral")
 
 
-def _steer(unet, te, tok, scale, mode, threshold, concept=ERASED, neutral=None):
+def _steer(unet, te, tok, scale, mode, threshold, concept=ERASED, neutral=None, preserve=None):
     steer = (D.encode_text(tok, te, [concept]), scale, mode, threshold)
-    if neutral is not None:
-        steer = (*steer, D.encode_text(tok, te, [neutral]))
+    if neutral is not None or preserve:
+        steer = (*steer, None if neutral is None else D.encode_text(tok, te, [neutral]))
+    if preserve:
+        steer = (*steer, D.encode_text(tok, te, preserve))
     note = (f"{mode}, scale {scale:g}" + (f", threshold {threshold:g}" if mode == "sld" else "")
             + (f", concept '{concept}'" if concept != ERASED else "")
-            + (f", neutral '{neutral}'" if neutral is not None else ""))
+            + (f", neutral '{neutral}'" if neutral is not None else "")
+            + (f", preserve {preserve}" if preserve else ""))
     return Erased(unet, note, steer=steer)
 
 
@@ -290,6 +301,13 @@ def row_steer_negative_shape(unet, te, tok):
 def row_steer_contrast(unet, te, tok):
     """Steering along eps("a red shape") - eps("a shape") (the node's ``neutral`` input) instead of from eps_u."""
     return _steer(unet, te, tok, 3.0, "negative", 0.0, f"a {ERASED} shape", "a shape")
+
+
+def row_steer_anchor_preserved(unet, te, tok):
+    """Towards "a blue shape" (a direction that does not vanish where red is already drawn), only for samples
+    whose prediction is nearer red's than each other colour's (``core.steering.preserve_gate``)."""
+    return _steer(unet, te, tok, 2.0, "negative", 0.0, f"a {ERASED} shape", f"a {PRESERVE[0]} shape",
+                  [f"a {c} shape" for c in PRESERVE])
 
 
 def row_esd(unet, te, tok, steps=200):
@@ -448,7 +466,9 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "steer_sld": row_steer_sld,
                              "steer_sld_max_shape": _steer_sld_preset("max", f"a {ERASED} shape"),
                              "steer_negative_shape": row_steer_negative_shape,
-                             "steer_contrast": row_steer_contrast, "esd": row_esd, "esd_trajectory": row_esd_trajectory,
+                             "steer_contrast": row_steer_contrast,
+                             "steer_anchor_preserved": row_steer_anchor_preserved,
+                             "esd": row_esd, "esd_trajectory": row_esd_trajectory,
                              "esd_x": row_esd_x,
                              "esd_captions_preserve": _captions_rows(False, True, 800, eta=3.0, lr=1e-2),
                              "esd_x_captions": _captions_rows(True, False, 400, lr=1e-2),

@@ -18,7 +18,7 @@ from ..erase import KV_SUFFIXES, cross_attention_projections
 from ..layouts import find_sites
 from ..localize import CallPlan, ResidualGate
 from ..residuals import ResidualSet, init_residuals
-from ..steering import sld_gamma, sld_momentum, steer_denoised
+from ..steering import preserve_gate, sld_gamma, sld_momentum, steer_denoised
 from .comfy import DIFFUSION_MODEL, prompt_token_ids
 from .comfy_compose import KVResidualHooks, init_kv_residuals
 
@@ -45,12 +45,15 @@ def kv_weights(model_patcher) -> list[tuple[str, torch.Tensor]]:
 
 
 def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: float, sigma_range, calc_cond_batch,
-                      encode_model_conds, neutral_cond=None, momentum: tuple[float, float] = (0.0, 0.0)):
+                      encode_model_conds, neutral_cond=None, momentum: tuple[float, float] = (0.0, 0.0),
+                      preserve_conds=(), margin: float = 0.0):
     """A ``sampler_post_cfg_function`` steering the guided result away from ``concept_cond`` (converted ComfyUI
     conditioning) between ``sigma_range`` = (start sigma, end sigma); outside it, and at scale 0, the result is
     passed through untouched. ``neutral_cond``: the direction is concept - neutral instead of concept - uncond.
     ``momentum`` = (s_m, beta), sld only: SLD's momentum, accumulated on every model call from the first (before
-    the start too, as SLD's warm-up) and reset when a call's sigma is above the previous one (a new run)."""
+    the start too, as SLD's warm-up) and reset when a call's sigma is above the previous one (a new run).
+    ``preserve_conds``: steer a sample at a step only while its prediction is closer in direction to the concept's
+    than to each of these prompts' (``core.steering.preserve_gate``); one more prediction each per step."""
     start, end = sigma_range
     momentum_scale, beta = momentum
     with_momentum = cfg_mode == "sld" and momentum_scale != 0.0
@@ -74,18 +77,21 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
             return denoised
         x, model = args["input"], args["model"]
         conds = [encode_model_conds(model.extra_conds, c, x, x.device, "negative")
-                 for c in (concept_cond, neutral_cond) if c is not None]
-        concept_denoised, *neutral = calc_cond_batch(model, conds, x, sigma, args["model_options"])
-        neutral_denoised = neutral[0] if neutral else None
+                 for c in (concept_cond, neutral_cond, *preserve_conds) if c is not None]
+        concept_denoised, *rest = calc_cond_batch(model, conds, x, sigma, args["model_options"])
+        neutral_denoised = rest.pop(0) if neutral_cond is not None else None
         if not with_momentum:
             return steer_denoised(denoised, x, sigma, args["cond_denoised"], uncond, concept_denoised, scale,
-                                  args["cond_scale"], cfg_mode, threshold, neutral_denoised)
+                                  args["cond_scale"], cfg_mode, threshold, neutral_denoised, rest, margin)
         sx = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
         def eps(d):
             return (x - d) / sx
         gamma = sld_gamma(eps(args["cond_denoised"]), eps(uncond if neutral_denoised is None else neutral_denoised),
                           eps(concept_denoised), scale, threshold)
+        if rest:
+            gamma = gamma * preserve_gate(eps(args["cond_denoised"]), eps(concept_denoised), [eps(d) for d in rest],
+                                          margin)
         guided, state["velocity"] = sld_momentum(gamma, state["velocity"], momentum_scale, beta)
         if not active:  # the warm-up: momentum builds up, nothing is applied yet
             return denoised

@@ -173,6 +173,29 @@ def test_steering_from_a_neutral_prompt(comfy_server):
     assert "the neutral prompt is the concept itself" in comfy_server.run_expect_error(same)
 
 
+def test_steering_leaves_a_prompt_asking_for_a_preserved_concept_alone(comfy_server):
+    # preserve gates the steering per image and step: a prompt whose guidance is a preserved prompt's is not
+    # steered at all (the unpatched latent, exactly); one nearest the concept is steered; an empty preserve is a
+    # prompt from before the input; a concept that is also preserved is refused
+    prompt = "a photo of a red car"
+    base = stock_t2i_prompt(SD15, seed=5, prefix="steer_p_base", positive=prompt)
+    old = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car"))
+    empty = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car", preserve=""))
+    kept = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car",
+                                                                     preserve=f"a blue car\n{prompt}"))
+    nearest = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept=prompt,
+                                                                        preserve="a blue car\na green car"))
+    for p, tag in ((old, "old"), (empty, "empty"), (kept, "kept"), (nearest, "nearest")):
+        p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/steer_p_{tag}"
+    lat_base, lat_old = latent_of(comfy_server, base), latent_of(comfy_server, old)
+    assert latent_of(comfy_server, empty).equal(lat_old)
+    assert latent_of(comfy_server, kept).equal(lat_base)
+    assert not latent_of(comfy_server, nearest).equal(lat_base)
+    clash = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car",
+                                                                      preserve="a red car\na blue car"))
+    assert "both the concept and a preserved prompt" in comfy_server.run_expect_error(clash)
+
+
 def test_sld_momentum(comfy_server):
     # SLD medium from 20% on: with its momentum (0.3, beta 0.4) the latent differs from without; momentum 0 is a
     # prompt from before the inputs, exactly; in negative mode momentum is ignored (with a warning)
