@@ -279,7 +279,9 @@ class SteerAwayFromConcept(io.ComfyNode):
                 io.String.Input("neutral", default="", optional=True,
                                 tooltip="The concept prompt without the concept (e.g. 'a car' for the concept 'a red "
                                         "car'): steering then pushes away from what the concept adds to it only, "
-                                        "not from the rest (one more prediction per step). Empty: from the "
+                                        "not from the rest (one more prediction per step). Or a prompt to steer "
+                                        "towards instead (e.g. 'a blue car': a push that does not fade where "
+                                        "the concept is already drawn; pair it with preserve). Empty: from the "
                                         "unconditional prediction, as in the papers."),
                 io.Float.Input("momentum", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="sld only: SLD's momentum scale s_m (weak 0, medium 0.3, strong and max "
