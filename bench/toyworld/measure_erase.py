@@ -10,7 +10,8 @@ judge over sampling seeds ``EVAL_SEEDS``:
 - specificity: share of the other colours' prompts whose object has the asked colour, and its drop from the
   base model's (target: drop <= 0.02).
 Rows: the base model; the closed-form edit without / with RealEra neighbours; LEACE on the prompt's conditioning;
-steering during sampling (negative guidance, SLD; from "a red shape", also relative to "a shape"); ESD-style residual
+steering during sampling (negative guidance, SLD; from "a red shape", also relative to "a shape", or towards "a blue
+shape" gated by the other colours as ``preserve``); ESD-style residual
 fine-tuning (on each transformer's proj_out; on the model's own DDIM path; ESD-x: on the cross-attention keys and
 values only), on "a red shape" or on 16 caption-form prompts (``training_captions``: places and backgrounds the
 evaluation never uses), with preserved captions of the other colours or anchors (each caption without its colour
