@@ -19,6 +19,14 @@ With ``preserve`` predictions eps_1..eps_n (prompts to keep, e.g. the other colo
 sample and step: with m the mean of eps_s, eps_1..eps_n, it applies only while eps_c - m, taken over the whole
 latent, is closer in direction (cosine) to eps_s - m than to every eps_i - m, by more than ``margin``; elsewhere it
 is exactly zero (one more prediction per preserved prompt and step).
+
+The gate can be taken on the prompt instead (``prompt_gate``; no prediction at all): a sample is steered, at every
+step, only if some token row of its prompt's conditioning is closer in direction to the concept text's summary (the
+mean of its word rows) than to every preserved text's by more than ``margin``, directions taken from the summaries'
+mean. It is decided once per prompt: a prompt that does not ask for the concept is sampled exactly as without
+steering, and a synonym the text encoder places near the concept is caught (SAFREE, Yoon et al. 2024, likewise
+decides from the prompt's embedding how near it is to the unwanted concept). A token learned to draw the concept
+need not be near it in text space and may pass.
 """
 from __future__ import annotations
 
@@ -64,6 +72,33 @@ def preserve_gate(cond: torch.Tensor, concept: torch.Tensor, preserve: list[torc
     for eps in preserve:
         gate &= to_concept > torch.nn.functional.cosine_similarity(sample, direction(eps), dim=1) + margin
     return gate.to(cond.dtype).reshape(-1, *([1] * (cond.dim() - 1)))
+
+
+def word_summary(rows: torch.Tensor, n_words: int) -> torch.Tensor:
+    """A text's summary for ``prompt_gate``: the mean of its word rows (conditioning rows 1..n_words; row 0 is the
+    start token, the same for every text)."""
+    if n_words < 1:
+        raise ValueError("a text to compare prompts with has no word; give it at least one")
+    return rows[1:1 + n_words].float().mean(0)
+
+
+def prompt_gate(prompt_rows: torch.Tensor, concept: torch.Tensor, preserve: torch.Tensor,
+                margin: float = 0.0) -> torch.Tensor:
+    """True for each prompt ([B, L, D] conditioning rows, start tokens left out by the caller) with a row closer in
+    direction to the ``concept`` summary [D] than to every ``preserve`` summary [n, D] by more than ``margin``;
+    directions are taken from the mean of the summaries, so what the texts share cancels."""
+    if preserve.dim() != 2 or preserve.shape[0] < 1:
+        raise ValueError("the prompt gate needs at least one preserved text to tell the concept from")
+    centre = torch.cat([concept[None], preserve]).float().mean(0).to(prompt_rows.device)
+    rows = prompt_rows.float() - centre
+
+    def closeness(summary):
+        return torch.nn.functional.cosine_similarity(rows, (summary.float().to(rows.device) - centre)[None, None],
+                                                     dim=-1)
+
+    to_concept = closeness(concept)
+    nearest_other = torch.stack([closeness(p) for p in preserve]).max(0).values
+    return ((to_concept - nearest_other) > margin).any(1)
 
 
 def steering_correction(cond: torch.Tensor, uncond: torch.Tensor, concept: torch.Tensor, scale: float,

@@ -30,7 +30,7 @@ from ..core.patching.comfy_erase import (
     word_encoder,
 )
 from ..core.plots import line_plot
-from ..core.steering import MODES
+from ..core.steering import MODES, word_summary
 from ..core.tokens import TokenNotFoundError
 from ._common import (
     CATEGORY,
@@ -300,13 +300,25 @@ class SteerAwayFromConcept(io.ComfyNode):
                                tooltip="With preserve: steer only where the prediction is nearer the concept than "
                                        "every kept prompt by more than this (a cosine difference); higher keeps "
                                        "more, lower steers more."),
+                io.Combo.Input("preserve_by", options=["prediction", "prompt"], default="prediction", optional=True,
+                               tooltip="How preserve decides. prediction: at every step, from the model's "
+                                       "predictions (one more per line and step). prompt: once, from the text: "
+                                       "the image is steered only if a word of its prompt is nearer the concept "
+                                       "than each kept prompt by prompt_margin (catches synonyms the text encoder "
+                                       "knows, misses a learned token; no extra prediction when it does not "
+                                       "steer)."),
+                io.Float.Input("prompt_margin", default=0.25, min=-2.0, max=2.0, step=0.01, optional=True,
+                               tooltip="preserve_by prompt: how much nearer the concept (a cosine difference) a "
+                                       "word of the prompt must be. Near 0, prompts that only share words with "
+                                       "the concept prompt tip over."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the steering patch (a clone).")],
         )
 
     @classmethod
     def execute(cls, model, clip, concept, scale, mode, threshold, start_percent, end_percent, neutral="",
-                momentum=0.0, momentum_beta=0.0, preserve="", preserve_margin=0.0):
+                momentum=0.0, momentum_beta=0.0, preserve="", preserve_margin=0.0, preserve_by="prediction",
+                prompt_margin=0.25):
         if not concept.strip():
             raise ValueError("give the concept to steer away from")
         kept = _lines(preserve)
@@ -318,14 +330,25 @@ class SteerAwayFromConcept(io.ComfyNode):
                              "without the concept (e.g. 'a car' for 'a red car'), or leave neutral empty")
         if momentum and mode != "sld":
             log.warning("Steer Away From Concept: momentum is SLD's; mode %s ignores it", mode)
+        if preserve_by not in ("prediction", "prompt"):
+            raise ValueError(f"preserve_by is 'prediction' or 'prompt', not {preserve_by!r}")
+        if preserve_by == "prompt" and not kept:
+            raise ValueError("preserve_by 'prompt' tells the concept from the preserved prompts: give at least one "
+                             "line in preserve, or set preserve_by to 'prediction'")
         sigma_range = _sigma_range(model, start_percent, end_percent)
 
         def encode(text):
             return comfy.sampler_helpers.convert_cond(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+        summaries = None
+        if preserve_by == "prompt":
+            words = word_encoder(clip)
+            found = [word_summary(*words(text)) for text in (concept.strip(), *kept)]
+            summaries = (found[0], torch.stack(found[1:]), prompt_margin)
         post_cfg = steering_post_cfg(encode(concept), scale, mode, threshold, sigma_range,
                                      comfy.samplers.calc_cond_batch, comfy.samplers.encode_model_conds,
                                      encode(neutral) if neutral.strip() else None, (momentum, momentum_beta),
-                                     [encode(text) for text in kept], preserve_margin)
+                                     [encode(text) for text in kept] if summaries is None else [],
+                                     preserve_margin, summaries)
         return io.NodeOutput(add_steering(model, post_cfg))
 
 

@@ -6,10 +6,12 @@ from core.steering import (
     MODES,
     SLD_PRESETS,
     preserve_gate,
+    prompt_gate,
     sld_gamma,
     sld_momentum,
     steer_denoised,
     steering_correction,
+    word_summary,
 )
 
 
@@ -205,3 +207,61 @@ def test_post_cfg_with_preserved_prompts_predicts_them_and_a_shut_gate_is_the_un
     plain = steering_post_cfg("c", 3.0, "negative", 0.0, (10.0, 0.0), calc_cond_batch, lambda *a: a[1], "n")
     assert torch.equal(post(dict(args)), plain(dict(args)))
     assert not torch.allclose(plain(dict(args)), args["denoised"])
+
+
+def test_prompt_gate_opens_for_a_prompt_with_a_row_nearer_the_concept_by_the_margin():
+    """Concept summary (1, 0, 0) and kept (-1, 0, 0): centre 0. A prompt whose rows are (0, 1, 0) (unrelated) and
+    (0.3, sqrt(0.91), 0) (cosine 0.3 to the concept, -0.3 to the kept) opens for margins below 0.6, shuts above;
+    a prompt with only the unrelated row never opens; a shared offset on every text changes nothing."""
+    concept, kept = torch.tensor([1.0, 0, 0]), torch.tensor([[-1.0, 0, 0]])
+    leaning = torch.tensor([[[0.0, 1, 0], [0.3, 0.91 ** 0.5, 0]]])
+    unrelated = torch.tensor([[[0.0, 1, 0], [0.0, 0, 1]]])
+    prompts = torch.cat([leaning, unrelated])
+    offset = torch.tensor([5.0, -2.0, 7.0])
+    for shift in (torch.zeros(3), offset):
+        assert prompt_gate(prompts + shift, concept + shift, kept + shift, 0.59).tolist() == [True, False]
+        assert prompt_gate(prompts + shift, concept + shift, kept + shift, 0.61).tolist() == [False, False]
+    # the prompt's row is the kept text itself: never nearer the concept
+    assert not prompt_gate(kept[None], concept, kept, -0.5).item()
+    with pytest.raises(ValueError, match="at least one preserved"):
+        prompt_gate(prompts, concept, kept[:0])
+
+
+def test_word_summary_is_the_mean_of_the_word_rows_without_the_start_token():
+    rows = torch.arange(12.0).reshape(6, 2)
+    assert torch.equal(word_summary(rows, 2), rows[1:3].mean(0))
+    with pytest.raises(ValueError, match="no word"):
+        word_summary(rows, 0)
+
+
+def test_post_cfg_gated_by_the_prompt_predicts_nothing_for_a_prompt_that_does_not_ask_for_the_concept():
+    """A closed prompt gate: the unsteered result exactly and no extra prediction; an open one: exactly the
+    ungated steering. Each chunk's start row is left out; with no text conditioning to read, it steers."""
+    from core.patching.comfy_erase import asks_for_concept, steering_post_cfg
+
+    gen = torch.Generator().manual_seed(13)
+    x, cond, uncond, concept = (torch.randn(1, 4, 8, 8, generator=gen) for _ in range(4))
+    calls = []
+
+    def calc_cond_batch(model, conds, x_, sigma, opts):
+        calls.append(list(conds))
+        return [concept for _ in conds]
+    red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([[-1.0, 0, 0]])
+    asks = [{"cross_attn": torch.stack([-red, red])[None]}]
+    others = [{"cross_attn": torch.stack([red * 9, -red])[None]}]  # its start row is the concept's: not counted
+    sigma = torch.tensor([2.0])
+    gated = steering_post_cfg("c", 3.0, "negative", 0.0, (10.0, 0.0), calc_cond_batch, lambda *a: a[1],
+                              prompt_summaries=(red, blue, 0.25))
+    plain = steering_post_cfg("c", 3.0, "negative", 0.0, (10.0, 0.0), calc_cond_batch, lambda *a: a[1])
+    args = _post_cfg_args(x, sigma, cond, uncond)
+    assert torch.equal(gated(dict(args, cond=others)), args["denoised"])
+    assert calls == []
+    assert torch.equal(gated(dict(args, cond=asks)), plain(dict(args, cond=asks)))
+    assert not torch.allclose(plain(dict(args)), args["denoised"])
+    assert asks_for_concept([{"model_conds": {}}], red, blue, 0.25)
+    # the row at 77 starts the second chunk (a start token); the one at 78 is a word
+    long = torch.zeros(1, 154, 3)
+    long[0, 77] = red
+    assert not asks_for_concept([{"cross_attn": long}], red, blue, 0.25)
+    long[0, 78] = red
+    assert asks_for_concept([{"cross_attn": long}], red, blue, 0.25)

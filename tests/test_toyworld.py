@@ -177,3 +177,21 @@ def test_erase_bench_steering_leaves_a_prompt_it_preserves_alone():
     kept = encode_text(tok, te, [prompt, "a green shape"])
     assert torch.allclose(ME.generate(unet, te, tok, [prompt], seed=3, steer=(*steer, kept)), base, atol=1e-5)
     assert not torch.allclose(ME.generate(unet, te, tok, [prompt], seed=3, steer=steer), base, atol=1e-2)
+
+
+def test_erase_bench_steering_gated_by_the_prompt_steers_red_and_its_synonym_only():
+    """The prompt gate on the toy's text encoder (the bench row's texts and margin): a "crimson" prompt is steered
+    as without the gate, a purple one (red is part of purple) is sampled exactly as unsteered."""
+    from bench.toyworld import measure_erase as ME
+    from core.patching.diffusers import encode_text
+
+    unet, te, tok = M.load(os.path.join(WEIGHTS, "base.safetensors"))
+    prompts = ["a crimson circle in the middle on a gray background", "a purple circle in the middle on a gray "
+               "background"]
+    base = ME.generate(unet, te, tok, prompts, seed=3)
+    summaries = ME.text_summaries(tok, te, ["a red shape", *(f"a {c} shape" for c in ME.PRESERVE)])
+    steer = (encode_text(tok, te, ["a red shape"]), 2.0, "negative", 0.0, encode_text(tok, te, ["a blue shape"]))
+    ungated = ME.generate(unet, te, tok, prompts, seed=3, steer=steer)
+    gated = ME.generate(unet, te, tok, prompts, seed=3, steer=(*steer, None, (summaries[0], summaries[1:], 0.25)))
+    assert torch.equal(gated[0], ungated[0]) and not torch.allclose(ungated[0], base[0], atol=1e-2)
+    assert torch.allclose(gated[1], base[1], atol=1e-5)  # the batch holds more prompts: float rounding only

@@ -11,7 +11,8 @@ judge over sampling seeds ``EVAL_SEEDS``:
   base model's (target: drop <= 0.02).
 Rows: the base model; the closed-form edit without / with RealEra neighbours; LEACE on the prompt's conditioning;
 steering during sampling (negative guidance, SLD; from "a red shape", also relative to "a shape", or towards "a blue
-shape" gated by the other colours as ``preserve``); ESD-style residual
+shape" gated by the other colours as ``preserve``: at every step from the predictions, or once from the prompt);
+ESD-style residual
 fine-tuning (on each transformer's proj_out; on the model's own DDIM path; ESD-x: on the cross-attention keys and
 values only), on "a red shape" or on 16 caption-form prompts (``training_captions``: places and backgrounds the
 evaluation never uses), with preserved captions of the other colours or anchors (each caption without its colour
@@ -45,7 +46,7 @@ from core.localize import CallPlan, ResidualGate
 from core.patching import diffusers as D
 from core.patching.comfy_compose import KVResidualHooks
 from core.patching.comfy_erase import guided_residuals
-from core.steering import SLD_PRESETS, sld_gamma, sld_momentum, steering_correction
+from core.steering import SLD_PRESETS, prompt_gate, sld_gamma, sld_momentum, steering_correction, word_summary
 from core.tokens import find_subsequence
 
 from . import judge as J
@@ -86,7 +87,8 @@ def encode_word(tok, te):
 def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, sld=None):
     """M.generate's DDIM CFG sampler with hooks: ``cond_fn`` transforms the prompt conditioning (LEACE);
     ``steer = (concept conditioning, scale, mode, threshold[, neutral conditioning or None[, preserved prompts'
-    conditioning [n, L, D]]])`` adds the steering correction in epsilon space (gated by the preserved prompts);
+    conditioning [n, L, D] or None[, (concept summary, preserved summaries, margin)]]])`` adds the steering
+    correction in epsilon space (gated by the preserved prompts' predictions, or by ``prompt_gate`` on each prompt);
     ``sld = (warm-up steps, momentum scale, beta)``: SLD's warm-up and momentum (mode sld)."""
     cond = D.encode_text(tok, te, prompts)
     if cond_fn is not None:
@@ -105,10 +107,13 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, 
         if len(steer) > 4 and steer[4] is not None:
             neutral_at = len(parts)
             parts.append(steer[4].expand(b, -1, -1))
-        if len(steer) > 5:
+        if len(steer) > 5 and steer[5] is not None:
             n_preserve = len(steer[5])
             parts += [row[None].expand(b, -1, -1) for row in steer[5]]
     context = torch.cat(parts)
+    by_prompt = None
+    if steer is not None and len(steer) > 6 and steer[6] is not None:
+        by_prompt = prompt_gate(cond[:, 1:], *steer[6]).to(cond.dtype).reshape(-1, 1, 1, 1)
     ac = sched.alphas_cumprod
     velocity = None
     for step, t in enumerate(sched.timesteps):
@@ -127,8 +132,9 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, 
             if step >= sld[0]:
                 guided = guided - M.GUIDANCE * g
         elif steer is not None:
-            guided = guided + steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3],
-                                                  neutral, kept)
+            correction = steering_correction(eps[1], eps[0], eps[2], steer[1], M.GUIDANCE, steer[2], steer[3],
+                                             neutral, kept)
+            guided = guided + (correction if by_prompt is None else correction * by_prompt)
         v = training.convert_prediction(guided, "eps", "v", x, a)
         x = sched.step(v, t, x).prev_sample
     z = M.from_latents(x.float()) if c.in_channels != 3 else x.float()
@@ -261,16 +267,29 @@ def row_leace_neutral(unet, te, tok):
     return row_leace(unet, te, tok, centre="neutral")
 
 
-def _steer(unet, te, tok, scale, mode, threshold, concept=ERASED, neutral=None, preserve=None):
+def text_summaries(tok, te, texts: list[str]) -> torch.Tensor:
+    """``core.steering.word_summary`` of each text [n, D]."""
+    end = D.token_ids(tok, "")[1]
+    with torch.no_grad():
+        return torch.stack([word_summary(D.encode_text(tok, te, [t])[0], D.token_ids(tok, t).index(end) - 1)
+                            for t in texts])
+
+
+def _steer(unet, te, tok, scale, mode, threshold, concept=ERASED, neutral=None, preserve=None, by_prompt=None):
+    """``by_prompt``: gate with ``prompt_gate`` at that margin (no preserved predictions) instead of per step."""
     steer = (D.encode_text(tok, te, [concept]), scale, mode, threshold)
     if neutral is not None or preserve:
         steer = (*steer, None if neutral is None else D.encode_text(tok, te, [neutral]))
-    if preserve:
+    if preserve and by_prompt is None:
         steer = (*steer, D.encode_text(tok, te, preserve))
+    elif preserve:
+        summaries = text_summaries(tok, te, [concept, *preserve])
+        steer = (*steer, None, (summaries[0], summaries[1:], by_prompt))
     note = (f"{mode}, scale {scale:g}" + (f", threshold {threshold:g}" if mode == "sld" else "")
             + (f", concept '{concept}'" if concept != ERASED else "")
             + (f", neutral '{neutral}'" if neutral is not None else "")
-            + (f", preserve {preserve}" if preserve else ""))
+            + (f", preserve {preserve}" if preserve else "")
+            + (f", gated by the prompt (margin {by_prompt:g})" if preserve and by_prompt is not None else ""))
     return Erased(unet, note, steer=steer)
 
 
@@ -309,6 +328,13 @@ def row_steer_anchor_preserved(unet, te, tok):
     whose prediction is nearer red's than each other colour's (``core.steering.preserve_gate``)."""
     return _steer(unet, te, tok, 2.0, "negative", 0.0, f"a {ERASED} shape", f"a {PRESERVE[0]} shape",
                   [f"a {c} shape" for c in PRESERVE])
+
+
+def row_steer_anchor_prompt_gated(unet, te, tok):
+    """The same steering, decided once per prompt: only prompts with a token nearer "a red shape"'s words than each
+    other colour's by 0.25 (``core.steering.prompt_gate``; no preserved predictions)."""
+    return _steer(unet, te, tok, 2.0, "negative", 0.0, f"a {ERASED} shape", f"a {PRESERVE[0]} shape",
+                  [f"a {c} shape" for c in PRESERVE], by_prompt=0.25)
 
 
 def row_esd(unet, te, tok, steps=200):
@@ -469,6 +495,7 @@ ROWS: dict[str, Callable] = {"none": row_none, "uce": row_uce, "uce_realera": ro
                              "steer_negative_shape": row_steer_negative_shape,
                              "steer_contrast": row_steer_contrast,
                              "steer_anchor_preserved": row_steer_anchor_preserved,
+                             "steer_anchor_prompt_gated": row_steer_anchor_prompt_gated,
                              "esd": row_esd, "esd_trajectory": row_esd_trajectory,
                              "esd_x": row_esd_x,
                              "esd_captions_preserve": _captions_rows(False, True, 800, eta=3.0, lr=1e-2),

@@ -18,7 +18,7 @@ from ..erase import KV_SUFFIXES, cross_attention_projections
 from ..layouts import find_sites
 from ..localize import CallPlan, ResidualGate
 from ..residuals import ResidualSet, init_residuals
-from ..steering import preserve_gate, sld_gamma, sld_momentum, steer_denoised
+from ..steering import preserve_gate, prompt_gate, sld_gamma, sld_momentum, steer_denoised
 from .comfy import DIFFUSION_MODEL, prompt_token_ids
 from .comfy_compose import KVResidualHooks, init_kv_residuals
 
@@ -46,14 +46,17 @@ def kv_weights(model_patcher) -> list[tuple[str, torch.Tensor]]:
 
 def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: float, sigma_range, calc_cond_batch,
                       encode_model_conds, neutral_cond=None, momentum: tuple[float, float] = (0.0, 0.0),
-                      preserve_conds=(), margin: float = 0.0):
+                      preserve_conds=(), margin: float = 0.0, prompt_summaries=None):
     """A ``sampler_post_cfg_function`` steering the guided result away from ``concept_cond`` (converted ComfyUI
     conditioning) between ``sigma_range`` = (start sigma, end sigma); outside it, and at scale 0, the result is
     passed through untouched. ``neutral_cond``: the direction is concept - neutral instead of concept - uncond.
     ``momentum`` = (s_m, beta), sld only: SLD's momentum, accumulated on every model call from the first (before
     the start too, as SLD's warm-up) and reset when a call's sigma is above the previous one (a new run).
     ``preserve_conds``: steer a sample at a step only while its prediction is closer in direction to the concept's
-    than to each of these prompts' (``core.steering.preserve_gate``); one more prediction each per step."""
+    than to each of these prompts' (``core.steering.preserve_gate``); one more prediction each per step.
+    ``prompt_summaries`` = (concept summary, preserved summaries [n, D], margin): steer only if a row of the sampled
+    prompt's conditioning is nearer the concept's (``core.steering.prompt_gate``); otherwise the result is passed
+    through untouched, with no extra prediction."""
     start, end = sigma_range
     momentum_scale, beta = momentum
     with_momentum = cfg_mode == "sld" and momentum_scale != 0.0
@@ -74,6 +77,8 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
             if s < end:
                 return denoised
         elif not active:
+            return denoised
+        if prompt_summaries is not None and not asks_for_concept(args.get("cond"), *prompt_summaries):
             return denoised
         x, model = args["input"], args["model"]
         conds = [encode_model_conds(model.extra_conds, c, x, x.device, "negative")
@@ -97,6 +102,22 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
             return denoised
         return denoised + sx * args["cond_scale"] * guided
     return post_cfg
+
+
+def asks_for_concept(conds, concept, preserve, margin: float, chunk: int = 77) -> bool:
+    """``core.steering.prompt_gate`` over the sampled (converted) positive conditioning: True if any of its entries
+    has a token row nearer the concept's summary; the start token of each ``chunk``-row chunk is left out. With no
+    text conditioning to read, True: the steering is then applied rather than silently dropped."""
+    seen = False
+    for c in conds or ():
+        rows = c.get("cross_attn") if isinstance(c, dict) else None
+        if rows is None:
+            continue
+        seen = True
+        keep = [i for i in range(rows.shape[1]) if i % chunk != 0]
+        if bool(prompt_gate(rows[:, keep], concept, preserve, margin).any()):
+            return True
+    return not seen
 
 
 def add_steering(model_patcher, post_cfg):

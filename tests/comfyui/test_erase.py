@@ -196,6 +196,33 @@ def test_steering_leaves_a_prompt_asking_for_a_preserved_concept_alone(comfy_ser
     assert "both the concept and a preserved prompt" in comfy_server.run_expect_error(clash)
 
 
+def test_steering_gated_by_the_prompt_steers_only_a_prompt_nearer_the_concept(comfy_server):
+    # preserve_by prompt decides once from the text: a prompt nearer a preserved prompt samples the unpatched
+    # latent exactly, one with the concept's word is steered exactly as without the gate; a margin no prompt can
+    # pass (2: the largest cosine difference) is the unpatched model, one every prompt passes is the ungated
+    # steering; without a preserved prompt it is refused
+    kept_lines = "a blue car\na green car"
+    lats = {}
+    for positive in ("a photo of a red car", "a photo of a blue car"):
+        base = stock_t2i_prompt(SD15, seed=5, prefix="steer_t_base", positive=positive)
+        runs = {"base": base,
+                "ungated": insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car"))}
+        for tag, margin in (("gated", 0.25), ("never", 2.0), ("always", -2.0)):
+            runs[tag] = insert_model_node(base, "31", "ConceptsSteerAway", steer(
+                3.0, concept="a red car", preserve=kept_lines, preserve_by="prompt", prompt_margin=margin))
+        for tag, p in runs.items():
+            p[SAVE_LATENT]["inputs"]["filename_prefix"] = f"latents/steer_t_{tag}"
+            lats[positive.split()[-2], tag] = latent_of(comfy_server, p)
+    for colour in ("red", "blue"):
+        assert lats[colour, "never"].equal(lats[colour, "base"])
+        assert lats[colour, "always"].equal(lats[colour, "ungated"])
+        assert not lats[colour, "ungated"].equal(lats[colour, "base"])
+    assert lats["red", "gated"].equal(lats["red", "ungated"])
+    assert lats["blue", "gated"].equal(lats["blue", "base"])
+    alone = insert_model_node(base, "31", "ConceptsSteerAway", steer(3.0, concept="a red car", preserve_by="prompt"))
+    assert "give at least one line in preserve" in comfy_server.run_expect_error(alone)
+
+
 def test_sld_momentum(comfy_server):
     # SLD medium from 20% on: with its momentum (0.3, beta 0.4) the latent differs from without; momentum 0 is a
     # prompt from before the inputs, exactly; in negative mode momentum is ignored (with a warning)
