@@ -305,8 +305,8 @@ class SteerAwayFromConcept(io.ComfyNode):
                                        "predictions (one more per line and step). prompt: once, from the text: "
                                        "the image is steered only if a word of its prompt is nearer the concept "
                                        "than each kept prompt by prompt_margin (catches synonyms the text encoder "
-                                       "knows, misses a learned token; no extra prediction when it does not "
-                                       "steer)."),
+                                       "places near the concept; a prompt far from it in text space passes; no "
+                                       "extra prediction when it does not steer)."),
                 io.Float.Input("prompt_margin", default=0.25, min=-2.0, max=2.0, step=0.01, optional=True,
                                tooltip="preserve_by prompt: how much nearer the concept (a cosine difference) a "
                                        "word of the prompt must be. Near 0, prompts that only share words with "

@@ -62,6 +62,15 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
     with_momentum = cfg_mode == "sld" and momentum_scale != 0.0
     state: dict = {"sigma": float("inf"), "velocity": None}
 
+    def asked(conds):
+        """``asks_for_concept``, decided once per conditioning (the same tensors at every step of a run)."""
+        rows = [c.get("cross_attn") for c in conds or () if isinstance(c, dict)]
+        seen, answer = state.get("asked", ((), None))
+        if answer is None or len(seen) != len(rows) or any(a is not b for a, b in zip(seen, rows, strict=True)):
+            answer = asks_for_concept(conds, *prompt_summaries)
+            state["asked"] = (rows, answer)
+        return answer
+
     def post_cfg(args):
         denoised = args["denoised"]
         sigma = args["sigma"]
@@ -78,7 +87,7 @@ def steering_post_cfg(concept_cond, scale: float, cfg_mode: str, threshold: floa
                 return denoised
         elif not active:
             return denoised
-        if prompt_summaries is not None and not asks_for_concept(args.get("cond"), *prompt_summaries):
+        if prompt_summaries is not None and not asked(args.get("cond")):
             return denoised
         x, model = args["input"], args["model"]
         conds = [encode_model_conds(model.extra_conds, c, x, x.device, "negative")
