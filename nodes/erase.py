@@ -291,11 +291,12 @@ class SteerAwayFromConcept(io.ComfyNode):
                                tooltip="sld only: SLD's momentum beta, how long the momentum remembers (weak 0, "
                                        "medium 0.4, strong and max 0.7)."),
                 io.String.Input("preserve", default="", multiline=True, optional=True,
-                                tooltip="Prompts to keep, one per line (e.g. 'a blue car', 'a green car'): an image "
-                                        "is steered at a step only while the model's prediction for it is nearer "
-                                        "in direction to the concept's than to each of these (whole image, from "
-                                        "their mean), so prompts that ask for them are left alone. One more "
-                                        "prediction per line and step. Empty: always steer, as before."),
+                                tooltip="Prompts to keep, one per line (e.g. 'a blue car', 'a green car'): prompts "
+                                        "that ask for them are left alone. With preserve_by prediction an image is "
+                                        "steered at a step only while the model's prediction for it is nearer in "
+                                        "direction to the concept's than to each of these (whole image, from their "
+                                        "mean; one more prediction per line and step); with preserve_by prompt, "
+                                        "see there. Empty: always steer, as before."),
                 io.Float.Input("preserve_margin", default=0.0, min=-1.0, max=1.0, step=0.01, optional=True,
                                tooltip="With preserve: steer only where the prediction is nearer the concept than "
                                        "every kept prompt by more than this (a cosine difference); higher keeps "
