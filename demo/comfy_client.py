@@ -74,14 +74,16 @@ def download_images(server: str, outputs: dict, out: Path, stem: str) -> list[st
 
 
 def run_on_server(args) -> dict:
-    from .demo import save_png, write_report
-    from .toy_models import concept_renders
+    from core.toy_models import concept_renders
+
+    from .cli import IMAGE_SUFFIXES
+    from .report import save_png, settle, write_report
 
     server = args.server.rstrip("/")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.images:
-        files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+        files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     else:
         files = []
         for i, img in enumerate(concept_renders(4, args.resolution, seed=0)):
@@ -102,7 +104,8 @@ def run_on_server(args) -> dict:
     outputs = run_prompt(server, train)
     report = {"server": server, "checkpoint": args.ckpt, "residual_file": f"models/loras/{save_name}.safetensors",
               "train_seconds": round(time.perf_counter() - t0, 2)}
-    download_images(server, outputs, out, "loss_curve")
+    for path in download_images(server, outputs, out, "loss_curve"):
+        settle(Path(path))
     prompt = args.prompt or f"a photo of a {args.token} {args.class_word} on the beach"
     common = dict(ckpt, ConceptsLoadResiduals={"residual_name": f"{save_name}.safetensors"},
                   EmptyLatentImage={"width": args.resolution, "height": args.resolution},
@@ -114,7 +117,7 @@ def run_on_server(args) -> dict:
         if name == "apply_residuals":
             next(n for n in wf.values() if n["_meta"].get("title") == "Positive prompt")["inputs"]["text"] = prompt
         t0 = time.perf_counter()
-        report[stem] = download_images(server, run_prompt(server, wf), out, stem)
+        report[stem] = [str(settle(Path(p))) for p in download_images(server, run_prompt(server, wf), out, stem)]
         report[f"{stem}_seconds"] = round(time.perf_counter() - t0, 2)
     write_report(out, report)
     return report
