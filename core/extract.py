@@ -487,8 +487,7 @@ def save_concepts(concepts: ConceptSet, path: str, overwrite: bool = False) -> s
     import json
     import os
 
-    from safetensors.torch import save_file
-
+    from .file_checks import save_atomic
     from .residuals import to_state_dict
 
     if os.path.exists(path) and not overwrite:
@@ -499,33 +498,54 @@ def save_concepts(concepts: ConceptSet, path: str, overwrite: bool = False) -> s
     meta.update({"technique": "concept-set", "tokens": json.dumps(concepts.tokens),
                  "class_words": json.dumps(concepts.class_words), "base_family": concepts.family,
                  "start_phrases": json.dumps(concepts.start_phrases), "sentence": concepts.sentence})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(sd, tmp, metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    save_atomic(sd, path, {k: str(v) for k, v in meta.items()})
     return path
 
 
 def load_concepts(path: str) -> ConceptSet:
-    """The concept set ``save_concepts`` wrote (masks and losses are not stored)."""
-    import json
+    """The concept set ``save_concepts`` wrote (masks and losses are not stored); ``BrokenFileError`` naming the
+    file when it is unreadable, truncated, holds NaN/Inf, is another kind of file or its metadata is missing or
+    contradicts its tensors."""
+    from .file_checks import EDITED, broken, check_factors, metadata_json, read_checked
+    from .residuals import check_rank_metadata, check_residual_keys, from_state_dict
 
-    from safetensors import safe_open
-
-    from .residuals import ResidualFileError, from_state_dict
-
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("technique") != "concept-set":
-        raise ResidualFileError(f"{path} is not a concept set saved by Save Concepts")
-    tokens = json.loads(meta["tokens"])
-    handles = [sd[f"{HANDLE_KEY}{i}"] for i in range(len(tokens))]
+    kind = "concept file"
+    sd, meta = read_checked(path, kind)
+    technique = meta.get("technique")
+    if technique != "concept-set":
+        said = f"its metadata says technique '{technique}'" if technique else "its metadata names no technique"
+        raise broken(path, kind, f"is not a concept set saved by Save Concepts ({said})",
+                     "load residual, slider or erase files with Load Residuals, or pick a file Save Concepts wrote")
+    tokens = metadata_json(meta, "tokens", path, kind)
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise broken(path, kind, f"has a 'tokens' metadata entry that is not a list of words "
+                                 f"({meta['tokens'][:60]!r})", EDITED)
+    lists = {k: metadata_json(meta, k, path, kind, required=False, default=[])
+             for k in ("class_words", "start_phrases")}
+    for key, value in lists.items():
+        if not isinstance(value, list):
+            raise broken(path, kind, f"has a '{key}' metadata entry that is not a list",
+                         EDITED)
+    stored = sorted(k for k in sd if k.startswith(HANDLE_KEY))
+    expect = [f"{HANDLE_KEY}{i}" for i in range(len(tokens))]
+    if sorted(stored) != sorted(expect):
+        raise broken(path, kind, f"has contradictory metadata: it names {len(tokens)} token(s) but holds "
+                                 f"{len(stored)} handle(s) ({', '.join(stored) or 'none'})",
+                     EDITED)
+    handles = [sd[k] for k in expect]
+    widths = {tuple(h.shape[1:]) for h in handles}
+    if any(h.dim() != 2 or h.shape[0] == 0 for h in handles) or len(widths) > 1:
+        raise broken(path, kind, "has handles that are not [sub-tokens, width] matrices of one width ("
+                                 + ", ".join(str(tuple(h.shape)) for h in handles) + ")",
+                     EDITED)
     lora = {k: v for k, v in sd.items() if not k.startswith(HANDLE_KEY)}
     residuals = None
     if lora:
+        check_factors(lora, path, kind)
+        check_residual_keys(lora, {}, path, kind)
         rmeta = {k: v for k, v in meta.items() if k not in ("tokens", "class_words", "technique", "start_phrases",
                                                        "sentence")}
         residuals = from_state_dict(lora, rmeta)
-    return ConceptSet(tokens, handles, None, residuals, json.loads(meta.get("class_words", "[]")), [],
-                      meta.get("base_family", ""), json.loads(meta.get("start_phrases", "[]")),
-                      meta.get("sentence", DEFAULT_SENTENCE))
+        check_rank_metadata(residuals, path, kind)
+    return ConceptSet(tokens, handles, None, residuals, lists["class_words"], [], meta.get("base_family", ""),
+                      lists["start_phrases"], meta.get("sentence", DEFAULT_SENTENCE))

@@ -41,11 +41,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .file_checks import EDITED, broken, check_factors, check_finite, read_checked
 from .layouts import family_label
 from .residuals import LowRank, residual_forward
 
 log = logging.getLogger(__name__)
 
+KIND = "LoRA file"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
                          "text_encoders.", "te1.", "te2.", "lora_te.")
 CONTEXT_DIMS = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
@@ -393,6 +395,26 @@ def read_lora(sd: dict[str, torch.Tensor], family: str | None = None, spec: UNet
     if skipped:
         log.info("LoRA: %d text-encoder keys skipped (residuals act on the UNet only)", len(skipped))
     return LoraFile(layers, spec.family, detected, tuple(sorted(formats)), skipped)
+
+
+def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A .safetensors LoRA file's tensors (exactly as stored) and metadata, checked: ``BrokenFileError`` naming the
+    file when it is unreadable or truncated, holds NaN/Inf, has factors whose ranks do not match, or states a model
+    family in its metadata that its tensors contradict."""
+    sd, meta = read_checked(path, KIND)
+    check_lora_tensors(sd, path, finite=False)
+    stated, detected = meta.get("base_family", ""), detect_family(sd)
+    if stated in SPECS and detected in SPECS and stated != detected:
+        raise broken(path, KIND, f"has contradictory metadata: 'base_family' says {stated} but its tensors are "
+                                 f"shaped for {family_label(detected)} ({detected})", EDITED)
+    return sd, meta
+
+
+def check_lora_tensors(sd: dict[str, torch.Tensor], path: str, finite: bool = True) -> None:
+    """Check a LoRA state dict read some other way (e.g. a .pt file): finite values, factor ranks that match."""
+    if finite:
+        check_finite(sd, path, KIND)
+    check_factors(sd, path, KIND, _split_key)
 
 
 def check_shapes(layers: dict[str, LowRank], weight_shapes: dict[str, tuple[int, ...]], family: str = "") -> None:

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .file_checks import EDITED, broken, check_factors, metadata_json, read_checked, save_atomic
 from .layouts import TransformerSite, family_label
 
 KEY_PREFIX = "diffusion_model."
 _BLOCK_ALIASES = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
 FORMAT_VERSION = "1"
 DEFAULT_RANK_RATIO = 0.05  # the paper: r_i = 0.05 * m_i
+KIND = "residual file"
 
 
 class ResidualFileError(ValueError):
@@ -180,18 +180,64 @@ def save(rs: ResidualSet, path: str, overwrite: bool = False, dtype: torch.dtype
         sd = {k: (v.to(dtype) if k.endswith(".weight") else v) for k, v in sd.items()}
     meta = {"concepts.format_version": FORMAT_VERSION}
     meta.update({k: str(v) for k, v in rs.metadata.items()})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(sd, tmp, metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under the real name
-    return path
+    return save_atomic(sd, path, meta)
 
 
 def load(path: str) -> ResidualSet:
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    meta.pop("concepts.format_version", None)
-    return from_state_dict(sd, meta)
+    """The residual set ``save`` wrote (personalized residuals, sliders, ESD, UCE and Custom Diffusion files alike).
+
+    A file that is unreadable, truncated, holds NaN/Inf, has factors that do not multiply or metadata that
+    contradicts its tensors raises ``BrokenFileError`` naming the file; model-compatibility checks stay with
+    ``check_compatible``."""
+    sd, meta = read_checked(path, KIND)
+    version = meta.pop("concepts.format_version", None)
+    if version not in (None, FORMAT_VERSION):
+        raise broken(path, KIND, f"has format version '{version}', which this version of comfyui-concepts does not "
+                                 "know", "update comfyui-concepts")
+    check_factors(sd, path, KIND)
+    check_residual_keys(sd, meta, path, KIND)
+    rs = from_state_dict(sd, meta)
+    check_rank_metadata(rs, path, KIND)
+    return rs
+
+
+def check_residual_keys(sd: dict[str, torch.Tensor], meta: dict[str, str], path: str, kind: str) -> None:
+    """Raise ``BrokenFileError`` unless every layer has both factors under the generic keys and there is one."""
+    downs = {k[:-len(".lora_down.weight")] for k in sd if k.startswith(KEY_PREFIX) and k.endswith(".lora_down.weight")}
+    ups = {k[:-len(".lora_up.weight")] for k in sd if k.startswith(KEY_PREFIX) and k.endswith(".lora_up.weight")}
+    for stem in sorted(downs ^ ups):
+        have, lack = ("lora_down", "lora_up") if stem in downs else ("lora_up", "lora_down")
+        raise broken(path, kind, f"has '{stem}.{have}.weight' but no matching {lack} weight (incomplete factors)")
+    if downs:
+        return
+    if meta.get("technique") == "concept-set":
+        raise broken(path, kind, "holds concept handles without residuals (its metadata says technique "
+                                 "'concept-set')", "load it with Load Concepts")
+    raise broken(path, kind, "has no 'diffusion_model.*.lora_down.weight' keys: it is not a residual or LoRA file "
+                             "for a UNet", "apply an ordinary LoRA with LoraLoader, or pick a file this pack saved")
+
+
+def check_rank_metadata(rs: ResidualSet, path: str, kind: str) -> None:
+    """Raise ``BrokenFileError`` when the metadata's ``rank``, ``rank_rule`` (fixed) or ``layout`` contradict the
+    factors: the rank a layer was made with is ``max(1, min(rank, in, out))``; ``layout`` maps path -> width."""
+    name = "rank" if "rank" in rs.metadata else "rank_rule"
+    fixed = rs.metadata.get(name, "").removeprefix("fixed:" if name == "rank_rule" else "")
+    if fixed.strip().isdigit():
+        for p, layer in rs.layers.items():
+            expect = max(1, min(int(fixed), layer.down.shape[1], layer.up.shape[0]))
+            if layer.rank != expect:
+                raise broken(path, kind, f"has contradictory metadata: '{name}' says {rs.metadata[name]} but "
+                                         f"'{p}' has rank {layer.rank}", EDITED)
+    if "layout" not in rs.metadata:
+        return
+    layout = metadata_json(rs.metadata, "layout", path, kind)
+    if not isinstance(layout, dict):
+        raise broken(path, kind, "has a 'layout' metadata entry that is not a {path: width} map",
+                     EDITED)
+    for p, layer in rs.layers.items():
+        if p in layout and layout[p] != layer.down.shape[1]:
+            raise broken(path, kind, f"has contradictory metadata: 'layout' says '{p}' is {layout[p]} channels wide "
+                                     f"but its factors are {layer.down.shape[1]}", EDITED)
 
 
 def check_compatible(rs: ResidualSet, family: str, sites: list[TransformerSite]) -> None:

@@ -114,3 +114,16 @@ def test_an_ordinary_lora_is_pointed_to_loraloader(sd1_unet):
     rs.layers["input_blocks.1.1.transformer_blocks.0.attn2.to_k"] = layer
     with pytest.raises(R.ResidualFileError, match="LoraLoader"):
         R.check_compatible(rs, rs.family, [s for s, _ in unet_sites(sd1_unet)])
+
+
+def test_saved_files_get_the_umask_mode_not_owner_only(sd1_unet, tmp_path):
+    """A ComfyUI server running as another user must be able to read a saved residual file."""
+    import os
+    import stat
+
+    rs = R.init_residuals([s for s, _ in unet_sites(sd1_unet)], seed=0)
+    path = R.save(rs, str(tmp_path / "r.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temporary file left behind
