@@ -4,7 +4,7 @@
 - Multi-Concept T2I-Zero's Correction by Similarities and Cross-Token Non-Maximum Suppression (Tunanyan et al.
   2023, "Multi-Concept T2I-Zero: Tweaking Only the Text Embeddings and Nothing Else");
 - FreeCustom's multi-reference self-attention with weighted masks (Ding et al., CVPR 2024);
-- the overlap rule when several concept masks gate residuals in one pass (issue 5, multi-concept LAG).
+- the overlap rule when several concept masks gate residuals in one pass (multi-concept LAG).
 
 Shapes: conditioning [B, L, D]; attention probabilities [B, N, L] (N image positions, L tokens); masks/maps
 [K, B, N] (K concepts). A concept is a list of token positions (its sub-tokens, e.g. V* and the class word).
@@ -296,7 +296,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ overlaps
 def resolve_overlaps(masks: torch.Tensor, rule: str = "argmax", scores: torch.Tensor | None = None,
                      names: Sequence[str] | None = None) -> torch.Tensor:
-    """Masks [K, B, N] of K concepts made compatible where more than one is non-zero (issue 5, multi-concept LAG).
+    """Masks [K, B, N] of K concepts made compatible where more than one is non-zero (multi-concept LAG).
 
     ``argmax``: an overlapped position keeps only the concept with the largest ``scores`` there (its attention map;
     ``masks`` when None), ties to the lower index; ``sum``: masks returned unchanged, so the concepts' residuals

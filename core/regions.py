@@ -1,4 +1,4 @@
-"""Several low-rank residuals in one UNet pass, each limited to its own region (issue "Compose").
+"""Several low-rank residuals in one UNet pass, each limited to its own region.
 
 A *region* is a set of low-rank layers (a learned residual set, a community LoRA) with a strength and a gate:
 either a user mask, or the cross-attention of its words (LAG, Ham et al. 2024: summed maps of the words,

@@ -1,20 +1,13 @@
-"""ComfyUI nodes: thin wrappers over core/, one file per technique family."""
-from .compose import ApplyRegions, ConceptRegion, TrainConceptsTogether
-from .compose_extra import (
-                    FreeCustom,
-                    MergeCustomDiffusion,
-                    T2IZeroCorrection,
-                    T2IZeroNMS,
-                    TrainCustomDiffusion,
-)
-from .erase import (
-                    ApplySlider,
-                    EraseConceptClosedForm,
-                    EraseFromConditioning,
-                    SteerAwayFromConcept,
-                    TrainConceptSlider,
-                    TrainEsdEraser,
-)
+"""ComfyUI nodes: thin wrappers over core/, one file per technique, a folder per family of several."""
+from .compose.custom_diffusion import MergeCustomDiffusion, TrainCustomDiffusion
+from .compose.cut_mix import TrainConceptsTogether
+from .compose.freecustom import FreeCustom
+from .compose.regions import ApplyRegions, ConceptRegion
+from .compose.t2i_zero import T2IZeroCorrection, T2IZeroNMS
+from .erase.closed_form import EraseConceptClosedForm
+from .erase.leace import EraseFromConditioning
+from .erase.sliders import ApplySlider, TrainConceptSlider, TrainEsdEraser
+from .erase.steering import SteerAwayFromConcept
 from .extract import ApplyConcepts, ExtractMasks, LearnConcepts, LoadConcepts, SaveConcepts
 from .inspect import AttentionHeatmaps, RecordAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals

@@ -4,14 +4,10 @@ from __future__ import annotations
 import os
 
 import comfy.lora
-import comfy.model_management
-import comfy.samplers
-import comfy.utils
 import folder_paths
 import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
-from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from ..core import extract as X
 from ..core import residuals as R
@@ -21,32 +17,21 @@ from ..core.localize import ResidualGate
 from ..core.patching import comfy as P
 from ..core.plots import line_plot
 from ..core.tokens import find_subsequence
-from ._common import CATEGORY, check_free, checked_sites, log, lora_path, step_progress, training_patcher
+from ._support import (
+    CATEGORY,
+    check_free,
+    checked_sites,
+    encode_views,
+    log,
+    lora_path,
+    residuals_to_cpu,
+    run_in_guider,
+    step_progress,
+    training_inputs,
+    training_patcher,
+)
 
 Concepts = io.Custom("CONCEPT_SET")
-
-
-class _CallbackSampler(comfy.samplers.Sampler):
-    """A 'sampler' that runs ``fn(model_wrap, latents, sigma_table)`` inside ComfyUI's guider, so model loading,
-    patches, wrappers and latent scaling are ComfyUI's own; the latent passes through unchanged."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = None
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        table = model_wrap.inner_model.model_sampling.sigmas.float().to(latent_image.device)
-        self.result = self.fn(lambda x, s: model_wrap(x, s, **extra_args), model_wrap, latent_image, table)
-        return latent_image
-
-
-def run_in_guider(model, cond, latents, fn, seed=0):
-    sampler = _CallbackSampler(fn)
-    guider = Guider_Basic(model)
-    guider.set_conds(cond)
-    guider.sample(torch.zeros_like(latents), latents, sampler, torch.zeros(len(latents)), seed=seed)
-    return sampler.result
 
 
 def one_image(image):
@@ -106,7 +91,8 @@ class ExtractMasks(io.ComfyNode):
             latents = vae.encode(image)
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
-        def probe(predict, model_wrap, latent, table):
+        def probe(guided):
+            latent, table = guided.latent, guided.sigmas
             sites = P.model_sites(model)  # the same modules the guider runs (ComfyUI patches weights in place)
             sigma = table[min(len(table) - 1, max(0, round(noise * (len(table) - 1))))]
             latent_hw = tuple(latent.shape[-2:])
@@ -114,7 +100,7 @@ class ExtractMasks(io.ComfyNode):
             def run_draw(draw):
                 gen = torch.Generator().manual_seed(seed + draw)
                 eps = torch.randn(latent.shape, generator=gen).to(latent)
-                predict(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
+                guided.predict_x0(latent + sigma * eps, sigma.view(1).expand(latent.shape[0]))
 
             with torch.no_grad():  # sums over the draws; layers the grid does not use are not recorded
                 sums, counts = X.record_self_attention(sites, latent_hw, run_draw, noise_draws)
@@ -178,14 +164,15 @@ class LearnConcepts(io.ComfyNode):
                                        "(Break-A-Scene: 0.01); 0 turns it off."),
                 io.Boolean.Input("union_sampling", default=True,
                                  tooltip="Train on random subsets of the concepts so each also works alone."),
-                io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Views per step."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Square training resolution in pixels."),
-                io.Int.Input("views", default=4, min=1, max=32, tooltip="Random crops of the image, encoded once."),
+                *training_inputs(
+                    batch_size=dict(default=2, max=16, tooltip="Views per step."),
+                    resolution=dict(default=512, tooltip="Square training resolution in pixels."),
+                    views=dict(default=4, tooltip="Random crops of the image, encoded once."),
+                ),
                 io.Boolean.Input("flip", default=True,
                                  tooltip="Also flip views horizontally (off when left and right matter)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
-                             tooltip="Seeds handles' training, crops, noise and subsets: same seed, same result."),
+                *training_inputs(seed=dict(default=0, tooltip="Seeds handles' training, crops, noise and subsets: "
+                                                              "same seed, same result.")),
                 io.String.Input("start_phrases", default="", optional=True,
                                 tooltip="Optional comma-separated guesses of what the concepts are ('a red mug, "
                                         "a black dog, a striped sock'): each handle starts from the guess whose "
@@ -243,7 +230,7 @@ class LearnConcepts(io.ComfyNode):
             candidates = X.candidate_phrases(start_phrases)
             rows = torch.stack([candidate_row(clip, c, sentence) for c in candidates]) if candidates else None
             view_images, vmasks = X.view_masks(training.make_views, image, masks, resolution, views, seed, flip)
-            latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
+            latents = encode_views(vae, view_images)
             base_cond = clip.encode_from_tokens_scheduled(clip.tokenize(X.subset_prompt(phrases, (0,), sentence)))
         search_calls = len(candidates) * len(X.SEARCH_FRACTIONS) * X.SEARCH_DRAWS * len(tokens)
         total = config.handle_steps + config.joint_steps
@@ -269,13 +256,13 @@ class LearnConcepts(io.ComfyNode):
             handles = [h.to(device) for h in handles]
             chosen: list[str] = []
 
-            def train(predict_x0, model_wrap, latent, table):
-                ac = 1.0 / (1.0 + table ** 2)
+            def train(guided):
+                latent, table, ac = guided.latent, guided.sigmas, guided.alphas_cumprod
 
                 def predict(x_t, t, ctx):
                     state["context"] = ctx
                     a = ac[t].view(-1, 1, 1, 1)
-                    return predict_x0(x_t / a.sqrt(), table[t])
+                    return guided.predict_x0(x_t / a.sqrt(), table[t])
 
                 masks_here = lat_masks.to(latent.device)
                 if rows is not None:
@@ -306,9 +293,7 @@ class LearnConcepts(io.ComfyNode):
 
             losses = run_in_guider(mp, base_cond, latents, train, seed)
         if rs is not None:
-            rs = rs.detached()
-            for layer in rs.layers.values():
-                layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
+            rs = residuals_to_cpu(rs)
         concepts = X.ConceptSet(tokens, [h.detach().cpu() for h in handles], masks, rs, cws, losses, family, chosen,
                                 sentence)
         log.info("learned %d concepts: loss %.4f -> %.4f", len(tokens), losses[0], losses[-1])

@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..core.heatmaps import AttentionRecord, RecordError, overlay, word_maps
 from ..core.patching.comfy import apply_recording, prompt_token_ids, word_token_ids
 from ..core.tokens import find_subsequence, same_prompt
-from ._common import CATEGORY
+from ._support import CATEGORY
 
 Record = io.Custom("CONCEPT_ATTENTION_RECORD")
 

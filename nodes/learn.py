@@ -2,74 +2,30 @@
 from __future__ import annotations
 
 import comfy.lora
-import comfy.model_management
-import comfy.samplers
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.v0_0_2 import io, ui
-from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from ..core import residuals as R
 from ..core import training
 from ..core.localize import ResidualGate
 from ..core.patching.comfy import apply_global, concept_positions, model_family, model_sites
 from ..core.plots import line_plot
-from ..core.tokens import DEFAULT_TOKEN
-from ._common import (
+from ._support import (
     CATEGORY,
-    NamedCondGuider,
     Residuals,
-    check_free,
     checked_sites,
+    encode_views,
     log,
-    lora_path,
+    residuals_to_cpu,
+    save_path,
     save_residuals,
     step_progress,
     strengths_for,
+    train_on_latents,
+    training_inputs,
     training_patcher,
 )
-
-
-class _ResidualTrainer(comfy.samplers.Sampler):
-    """Runs the core's training loop inside ComfyUI's guider, so conditioning, wrappers and latent scaling are
-    ComfyUI's own (SD1.x and SDXL alike)."""
-
-    def __init__(self, params, config, progress, masks, caption_of_view=None):
-        self.params, self.config, self.progress, self.masks = params, config, progress, masks
-        self.caption_of_view = caption_of_view  # [V] caption index of each view (NamedCondGuider keys caption_<i>)
-        self.extra_loss = None  # added to every step's loss (training.train's extra_loss)
-        self.losses = []
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        ms = model_wrap.inner_model.model_sampling
-        table = ms.sigmas.float().to(latent_image.device)
-        alphas_cumprod = 1.0 / (1.0 + table ** 2)
-
-        def predict(x_t, t, ctx):
-            sigma = table[t]
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            if self.caption_of_view is None:
-                return model_wrap(x_t / a.sqrt(), sigma, **extra_args)  # ComfyUI returns the denoised x0
-            keys = ctx[:, 0, 0].long()
-            out = torch.empty_like(x_t)
-            for k in keys.unique().tolist():  # one model call per caption in the batch
-                rows = (keys == k).nonzero().flatten()
-                (x0,) = comfy.samplers.calc_cond_batch(model_wrap.inner_model, [model_wrap.conds[f"caption_{k}"]],
-                                                       x_t[rows] / a[rows].sqrt(), sigma[rows],
-                                                       extra_args["model_options"])
-                out[rows] = x0
-            return out
-
-        masks = self.masks.to(latent_image.device) if self.masks is not None else None
-        if self.caption_of_view is None:
-            context = torch.zeros(1, 1, 1, device=latent_image.device)  # conditioning comes from the guider
-        else:  # each view's caption index travels as its "context"
-            context = self.caption_of_view.to(latent_image.device, torch.float32).view(-1, 1, 1)
-        self.losses = training.train(self.params, predict, latent_image.float(), context, alphas_cumprod, "x0",
-                                     masks, self.config, self.progress, self.extra_loss)
-        return latent_image
 
 
 class TrainPersonalizedResiduals(io.ComfyNode):
@@ -85,35 +41,29 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base model to personalise (SD1.x or SDXL). It is not changed."),
                 io.Clip.Input("clip", tooltip="The text encoder that encodes 'a photo of a <token> <class word>'."),
-                io.Vae.Input("vae", tooltip="The VAE that encodes the images into latents."),
-                io.Image.Input("images", tooltip="3-8 photos of the concept, as one batch."),
-                io.String.Input("class_word", default="dog",
-                                tooltip="The concept's broad class ('dog', 'mug', 'person'): the prompt is "
-                                        "'a photo of a <token> <class word>'."),
-                io.String.Input("token", default=DEFAULT_TOKEN,
-                                tooltip="A rare word that will stand for this concept in prompts (V*)."),
-                io.Int.Input("steps", default=150, min=1, max=10000,
-                             tooltip="Optimisation steps; the paper uses 150."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4,
-                               tooltip="AdamW learning rate; the paper uses 1e-3."),
-                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per step; the paper uses 4."),
+                *training_inputs(
+                    vae={},
+                    images={},
+                    class_word=dict(tooltip="The concept's broad class ('dog', 'mug', 'person'): the prompt is "
+                                            "'a photo of a <token> <class word>'."),
+                    token={},
+                    steps=dict(default=150, tooltip="Optimisation steps; the paper uses 150."),
+                    learning_rate=dict(default=1e-3, tooltip="AdamW learning rate; the paper uses 1e-3."),
+                    batch_size=dict(default=4, tooltip="Images per step; the paper uses 4."),
+                ),
                 io.Float.Input("rank_ratio", default=0.05, min=0.001, max=1.0, step=0.005,
                                tooltip="Residual rank as a fraction of each layer's width (0.05 gives 16/32/64 "
                                        "on SD1.x's 320/640/1280 channels)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
-                             tooltip="Seeds the initial residuals, the crops, noise and timesteps: same seed, "
-                                     "same result."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Square training resolution in pixels (images are cropped and resized)."),
-                io.Int.Input("views", default=4, min=1, max=32,
-                             tooltip="Augmented views per image (random crops and flips), encoded once."),
-                io.String.Input("save_name", default="concepts/sks_dog",
-                                tooltip="File name under models/loras (no extension). Empty: do not save."),
-                io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace an existing file of the same name. Off: an existing file "
-                                         "stops the run before training."),
-                io.Mask.Input("masks", optional=True,
-                              tooltip="Optional: one mask per image; the loss only counts pixels inside it."),
+                *training_inputs(
+                    seed=dict(default=0, tooltip="Seeds the initial residuals, the crops, noise and timesteps: "
+                                                 "same seed, same result."),
+                    resolution=dict(default=512),
+                    views=dict(default=4),
+                    save_name=dict(default="concepts/sks_dog"),
+                    overwrite=dict(default=False, tooltip="Replace an existing file of the same name. Off: an "
+                                                          "existing file stops the run before training."),
+                    masks={},
+                ),
                 io.String.Input("target_blocks", default="", optional=True,
                                 tooltip="Optional: train residuals only in these blocks, e.g. 'input, middle' or "
                                         "'output_blocks.9'. Empty: every transformer block (the paper)."),
@@ -141,9 +91,7 @@ class TrainPersonalizedResiduals(io.ComfyNode):
         if not class_word or not token:
             raise ValueError("give both a class word (e.g. 'dog') and a token (e.g. 'sks')")
         masks = training.check_images(images, masks)
-        path = lora_path(save_name) if save_name.strip() else None
-        if path:
-            check_free(path, overwrite)  # fail before minutes of training, not after
+        path = save_path(save_name, overwrite)
         prompts = training.image_prompts(token, class_word, (captions or "").splitlines(), images.shape[0])
         unique = list(dict.fromkeys(prompts))
         for prompt in unique:
@@ -156,7 +104,7 @@ class TrainPersonalizedResiduals(io.ComfyNode):
         view_images, view_masks = training.make_views(images[..., :3].cpu(), None if masks is None else masks.cpu(),
                                                       resolution, views, seed, flip)
         with torch.no_grad():
-            latents = torch.cat([vae.encode(view_images[i:i + 4]) for i in range(0, len(view_images), 4)])
+            latents = encode_views(vae, view_images)
             conds = [clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in unique]
         caption_of_view = None
         if len(unique) > 1:  # make_views keeps each image's views together
@@ -169,22 +117,14 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             sites = model_sites(mp)
             targets = R.select_sites([s for s, _ in sites], target_blocks or "")
             rs = R.init_residuals(targets, rank_ratio, seed=seed, device=device, metadata=meta)
-            trainer = _ResidualTrainer(rs.parameters(), config, progress, lat_masks, caption_of_view)
-            if caption_of_view is None:
-                guider = Guider_Basic(mp)
-                guider.set_conds(conds[0])
-            else:
-                guider = NamedCondGuider(mp)
-                guider.set_prompts({f"caption_{i}": c for i, c in enumerate(conds)})
             with ResidualGate(sites, rs):
-                guider.sample(torch.zeros_like(latents), latents, trainer, torch.zeros(len(latents)), seed=seed)
-        rs = rs.detached()
-        for layer in rs.layers.values():
-            layer.down, layer.up = layer.down.cpu(), layer.up.cpu()
+                losses = train_on_latents(mp, conds[0] if caption_of_view is None else conds, latents,
+                                          rs.parameters(), config, progress, lat_masks, caption_of_view, seed=seed)
+        rs = residuals_to_cpu(rs)
         if path:
             save_residuals(rs, save_name, overwrite)
-        log.info("trained %s residuals: loss %.4f -> %.4f", family, trainer.losses[0], trainer.losses[-1])
-        curve = line_plot(trainer.losses)
+        log.info("trained %s residuals: loss %.4f -> %.4f", family, losses[0], losses[-1])
+        curve = line_plot(losses)
         return io.NodeOutput(rs, curve, ui=ui.PreviewImage(curve, cls=cls))
 
 

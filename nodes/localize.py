@@ -5,7 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..core.masks import RULES
 from ..core.patching.comfy import apply_localized, concept_positions, lag_wrapper
-from ._common import CATEGORY, Residuals, checked_sites, strengths_for
+from ._support import CATEGORY, Residuals, checked_sites, strengths_for
 
 
 class ApplyResidualsLocalized(io.ComfyNode):

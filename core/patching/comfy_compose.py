@@ -1,4 +1,4 @@
-"""The ComfyUI backend of Custom Diffusion, FreeCustom and Multi-Concept T2I-Zero (issue 5, items 3-5).
+"""The ComfyUI backend of Custom Diffusion, FreeCustom and Multi-Concept T2I-Zero.
 
 Duck-typed, never imports comfy: the nodes hand in ComfyUI's own pieces (the attention function, the model's
 ``model_sampling``) where one is needed.

@@ -1,0 +1,1 @@
+"""Erase: closed-form edit, LEACE on conditioning, steering during sampling, sliders and ESD fine-tuning."""
