@@ -242,13 +242,14 @@ def test_readme_main_job_runs_against_the_server(comfy_server, tmp_path):
 
     repo = WORKFLOWS.parent
     out = tmp_path / "job"
-    subprocess.run([sys.executable, "-m", "core", "--server", comfy_server.url, "--ckpt", SD15, "--resolution", "64",
+    subprocess.run([sys.executable, "-m", "demo", "--server", comfy_server.url, "--ckpt", SD15, "--resolution", "64",
                     "--steps", "3", "--sample-steps", "2", "--views", "1", "--out", str(out)],
                    cwd=repo, check=True, timeout=600)
     report = json.loads((out / "report.json").read_text())
     for key in ("sample_global", "sample_lag"):
         assert Path(report[key][0]).read_bytes()[:4] == b"\x89PNG"
     assert (comfy_server.base_dir / report["residual_file"]).is_file()
+    assert len({p.stat().st_mode for p in out.iterdir()}) == 1, "every output file gets the same permissions"
 
 
 def custom_sampler_prompt(residual_name, strength, prefix, model_from_lag=True):
