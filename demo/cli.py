@@ -49,11 +49,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--class-word", help="the concept's class word (default: 'shape' on the toy model, else 'toy')")
     ap.add_argument("--token", default=DEFAULT_TOKEN, help="the rare token standing for the concept (default: sks)")
     ap.add_argument("--prompt", help="one more sampling prompt, added as the sheet's last column")
+    ap.add_argument("--paper-prompt", action="store_true",
+                    help="train every image on the paper's one prompt 'a photo of a V* <class>', even where the "
+                         "images' captions are known (the toy model's own renders train on their captions)")
     ap.add_argument("--steps", type=int, help="training steps (default: 150)")
     ap.add_argument("--batch-size", type=int, help="training batch (default: 4)")
-    ap.add_argument("--lr", type=float, help="learning rate (default: 2e-2 on the toy model, else the paper's 1e-3)")
+    ap.add_argument("--lr", type=float, help="learning rate (default: 1e-2 on the toy model, else the paper's 1e-3)")
     ap.add_argument("--rank", type=int, help="residual rank per layer; 0: the paper's 5%% of each layer's width "
-                                             "(default: 16 on the toy model, else 0)")
+                                             "(default: 32 on the toy model, else 0)")
     ap.add_argument("--views", type=int, default=4, help="augmented views per image (default: 4)")
     ap.add_argument("--resolution", type=int, help="pixels (toy: 32 only; tiny: 64; files: 512)")
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt (default: 4; 16 over 4 prompts)")
@@ -160,26 +163,11 @@ def prepare(args) -> tuple[models.Setup, torch.Tensor, object]:
     setup = models.load(args.model, torch.device(args.device))
     fill_defaults(args, setup)
     phases.done(setup.description)
-    if files:
-        images = load_images(files, args.resolution)
-    elif setup.kind == TOY:
-        images = toy_concept_images()
-    else:
-        from core.toy_models import concept_renders
-
-        images = concept_renders(4, args.resolution, seed=0)
-    if args.model == TOY and setup.judge is not None and files:
+    images = load_images(files, args.resolution) if files else setup.default_images(args.resolution)
+    if setup.judge is not None and files:
         log.info("      your images are read by the toy world's judge as 32-px renders; its readings may be "
                  "meaningless for photos")
     return setup, images, phases
-
-
-def toy_concept_images() -> torch.Tensor:
-    """4 renders of the toy world's drawable concept (a yellow striped diamond), as the toy tables use."""
-    from bench.toyworld import measure, scenes
-
-    scenes_ = measure.concept_scenes(4, measure.CONCEPTS["known"])
-    return torch.from_numpy(scenes.render_batch(scenes_)).float()
 
 
 def main(argv=None) -> int:

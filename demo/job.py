@@ -101,18 +101,24 @@ def run(args, setup: Setup, images: torch.Tensor, phases: Phases) -> dict:
     phases.start(f"train residuals: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, "
                  f"rank {args.rank or '5% of each width'}")
     config = training.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    captions = None if args.images or args.paper_prompt else setup.default_captions
+    if captions:
+        log.info("      each render trains with its own caption, e.g. \"%s\"", captions[0])
+    # captions name the place, so views are not mirrored ("on the left" would become wrong)
     rs, losses = D.train_residuals(setup.unet, setup.vae, setup.tokenizer, setup.text_encoder, images, class_word,
                                    token, resolution=args.resolution, views=args.views, config=config,
-                                   fixed_rank=args.rank, progress=Phases.bar, **setup.train_kwargs)
+                                   fixed_rank=args.rank, progress=Phases.bar, captions=captions,
+                                   flip=captions is None, **setup.train_kwargs)
     train_s = phases.done(f"{rs.parameter_count():,} residual parameters")
     R.save(rs, str(out / "residuals.safetensors"), overwrite=True)
     settle(out / "residuals.safetensors")
     objective = "v-prediction" if setup.train_kwargs.get("prediction") == "v" else "noise-prediction"
     save_png(line_plot(losses, xlabel="training step", ylabel=f"loss (MSE of the {objective})",
-                       title=f"training loss, {len(images)} images, batch {args.batch_size}",
+                       title=f"training loss per step (thin) and its 10-step mean (thick); {len(images)} images, "
+                             f"batch {args.batch_size}",
                        smooth=10 if len(losses) >= 20 else 0)[0], out / "loss_curve.png")
 
-    specs = prompts_for(setup, args.token, args.class_word, args.prompt)
+    specs = prompts_for(setup, token, class_word, args.prompt, captions[0] if captions else None)
     per_prompt = args.samples
     phases.start(f"sample {len(specs)} prompts x {per_prompt} seeds, {args.sample_steps} steps: base, global, LAG")
     rows, masks = sample_rows(setup, rs, specs, per_prompt, args.seed, args.sample_steps, args.cfg, token,

@@ -46,9 +46,11 @@ class Setup:
     train_kwargs: dict = field(default_factory=dict)  # prediction objective and schedule for D.train_residuals
     judge: object = None  # the toy world's judge network, None elsewhere
     sampler: Callable | None = None  # (prompts, seed, steps, cfg, resolution, gate, token_idx) -> [N, H, W, 3]
+    default_images: Callable | None = None  # (resolution) -> the images to learn when --images is not given
+    default_captions: list[str] | None = None  # one caption per default image, each naming V* and the class word
 
 
-TOY_DEFAULTS = dict(steps=150, lr=2e-2, rank=16, sample_steps=20, cfg=None, batch_size=4)
+TOY_DEFAULTS = dict(steps=150, lr=1e-2, rank=32, sample_steps=20, cfg=None, batch_size=4)
 OTHER_DEFAULTS = dict(steps=150, lr=1e-3, rank=0, sample_steps=25, cfg=7.0, batch_size=4)
 
 
@@ -103,6 +105,7 @@ def load(model: str, device: torch.device) -> Setup:
 
 def _toy() -> Setup:
     from bench.toyworld import judge as J
+    from bench.toyworld import measure as Me
     from bench.toyworld import model as M
     from bench.toyworld import scenes as S
 
@@ -115,9 +118,15 @@ def _toy() -> Setup:
 
     judge = J.load(os.path.join(M.HERE, "weights", "judge.safetensors"))
     rel = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    scenes = Me.concept_scenes(4, Me.CONCEPTS["known"])  # a yellow striped diamond, which the toy model can draw
+
+    def renders(resolution):
+        return torch.from_numpy(S.render_batch(scenes)).float()
+
+    captions = Me.concept_captions(scenes)
     return Setup(TOY, f"toy-world base model ({rel}): 32 px, trained from scratch on synthetic scenes", unet,
                  M.vae_for(unet), tok, te, S.SIZE, S.CLASS_WORD, dict(TOY_DEFAULTS, cfg=M.GUIDANCE),
-                 dict(prediction="v", alphas_cumprod=M.train_alphas_cumprod()), judge, sampler)
+                 dict(prediction="v", alphas_cumprod=M.train_alphas_cumprod()), judge, sampler, renders, captions)
 
 
 def _ddim():
@@ -145,7 +154,7 @@ def _tiny() -> Setup:
     unet, vae, te = tiny_unet("sd1", sample_size=32), tiny_vae(), tiny_text_encoder(len(tok))
     return Setup(TINY, "built-in tiny random SD1-style model: shows that the pipeline runs, not a learned concept",
                  unet, vae, tok, te, 64, "toy", dict(OTHER_DEFAULTS), {}, None,
-                 _ldm_sampler(unet, vae, tok, te, _ddim))
+                 _ldm_sampler(unet, vae, tok, te, _ddim), _made_up_renders)
 
 
 def _from_disk(path: str) -> Setup:
@@ -164,15 +173,33 @@ def _from_disk(path: str) -> Setup:
     sampler = _ldm_sampler(pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder,
                            lambda: DDIMScheduler.from_config(config))
     return Setup("file", path, pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, 512, "toy",
-                 dict(OTHER_DEFAULTS), {}, None, sampler)
+                 dict(OTHER_DEFAULTS), {}, None, sampler, _made_up_renders)
 
 
-def prompts_for(setup: Setup, token: str, class_word: str, extra: str | None) -> list[PromptSpec]:
-    """The contact sheet's columns: the training prompt, a new place, a new background, a second object.
+def _made_up_renders(resolution: int) -> torch.Tensor:
+    from core.toy_models import concept_renders
 
-    All start "a photo of a V* <class>", so V* sits at one token position and LAG samples them in one batch."""
+    return concept_renders(4, resolution, seed=0)
+
+
+def prompts_for(setup: Setup, token: str, class_word: str, extra: str | None,
+                caption: str | None = None) -> list[PromptSpec]:
+    """The contact sheet's columns: a training prompt, a new place, a new background, a second object.
+
+    Within a set the prompts start alike, so V* sits at one token position and LAG samples them in one batch.
+    ``caption``: one of the training captions, the first column when the images trained with captions (in the toy
+    world's caption form: "a V* shape on the left on a white background")."""
     head = training.training_prompt(token, class_word)
-    if setup.kind == TOY:
+    if setup.kind == TOY and caption:
+        v = f"a {token} {class_word}"
+        specs = [PromptSpec(caption, "training caption", *_toy_asks(caption)),
+                 PromptSpec(f"{v} on the right on a gray background", "new place and background",
+                            position="right", background="gray"),
+                 PromptSpec(f"{v} in the middle on a black background", "new background", position="middle",
+                            background="black"),
+                 PromptSpec(f"{v} and a blue circle on a sand background", "two objects", background="sand",
+                            other=("circle", "blue", "plain"))]
+    elif setup.kind == TOY:
         specs = [PromptSpec(head, "training prompt"),
                  PromptSpec(f"{head} on the left", "new place", position="left"),
                  PromptSpec(f"{head} on a black background", "new background", background="black"),
@@ -185,3 +212,12 @@ def prompts_for(setup: Setup, token: str, class_word: str, extra: str | None) ->
     if extra:
         specs.append(PromptSpec(extra, "your prompt"))
     return specs
+
+
+def _toy_asks(caption: str) -> tuple[str | None, str | None]:
+    """(position, background) a toy caption names ("... on the left on a white background")."""
+    from bench.toyworld import scenes as S
+
+    position = next((p for p, phrase in S.POSITION_PHRASE.items() if phrase in caption), None)
+    background = next((b for b in S.BACKGROUND_NAMES if f"on a {b} background" in caption), None)
+    return position, background
