@@ -147,7 +147,7 @@ def run(args, setup: Setup, images: torch.Tensor, phases: Phases) -> dict:
             hits = sum(s.colour for s in scores[row])
             note = f"{concept.colour}: {hits}/{len(scores[row])}"
         sheet_rows.append(SheetRow(ROW_TITLES[row], note, tiles))
-    sheet_rows.append(SheetRow("LAG mask", "white: residual on",
+    sheet_rows.append(SheetRow("LAG mask", "white: on in every block",
                                [Tile(masks[p * per_prompt], f"{float(masks[p * per_prompt].mean()):.0%} of the image")
                                 for p in range(len(specs))]))
     what = f"a {concept.words()}" if concept else f"'{token} {class_word}'"
