@@ -93,9 +93,9 @@ def self_attention_grid(sums: dict[int, torch.Tensor], counts: dict[int, int], l
     """The finest layers' mean self-attention with queries on a finer grid: ([rows, Gq, N], grid hw).
 
     Only the layers at the finest resolution no wider than 32 count (coarser maps blur neighbouring objects into
-    one cluster: on the toy world's validation scenes they took the masks' IoU from 0.52 down to 0.15). Rows are
-    distributions over that resolution's N keys; queries are resampled bilinearly to ``upsample`` x the attention
-    grid (at most the latent's), so mask edges can fall between attention cells (toy validation: 0.60 -> 0.71).
+    one cluster). Rows are distributions over that resolution's N keys; queries are resampled bilinearly to
+    ``upsample`` x the attention grid (at most the latent's), so mask edges can fall between attention cells.
+    Both choices and their toy-world measurements: docs/extract.md.
     """
     sizes = {n: block_hw(n, latent_hw) for n in sums}
     fitting = [hw for hw in sizes.values() if hw[1] <= GRID_MAX_WIDTH] or \

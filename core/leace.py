@@ -158,7 +158,7 @@ def fit_by_word(concept: torch.Tensor, neutral: torch.Tensor, word_starts: list[
     before the word and every row without the concept [B2, L, D] unlabelled; applied to every row of a prompt.
 
     A causal text encoder writes the word into its own row and every later one, each differently (one label for
-    all of them leaves the later rows' concept: on the toy world, red stayed in every sample); the rank of the
+    all of them leaves the later rows' concept in place; docs/erase.md has the measurement); the rank of the
     edit is at most the number of offsets (L)."""
     if concept.shape[1:] != neutral.shape[1:]:
         raise ValueError("the prompts with and without the concept must be encoded to the same shape")
