@@ -158,7 +158,7 @@ def run(args, setup: Setup, images: torch.Tensor, phases: Phases) -> dict:
 
     report = {
         "model": setup.description, "concept_read_by_judge": concept.words() if concept else None,
-        "training_prompt": rs.metadata.get("prompt"), "images": len(images),
+        "training_prompts": captions or [rs.metadata.get("prompt")], "images": len(images),
         "residual_parameters": rs.parameter_count(), "rank": args.rank or "5% of each layer's width",
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed,
         "train_seconds": round(train_s, 2), "sample_seconds": round(sample_s, 2),
@@ -170,9 +170,10 @@ def run(args, setup: Setup, images: torch.Tensor, phases: Phases) -> dict:
     }
     if scores:
         report["rows"] = {row: scoring.summary(scores[row]) for row in ROWS}
-        report["per_prompt_colour"] = {
-            row: {s.text: float(np.mean([x.colour for x in scores[row][p * per_prompt:(p + 1) * per_prompt]]))
-                  for p, s in enumerate(specs)} for row in ROWS}
+        report["per_prompt_colour"] = [
+            {"prompt": s.text, **{row: float(np.mean([x.colour for x in scores[row][p * per_prompt:
+                                                                              (p + 1) * per_prompt]]))
+                                  for row in ROWS}} for p, s in enumerate(specs)]
     report = write_report(out, report)
     phases.done(f"wrote {out}/contact_sheet.png, report.md, report.json")
     if scores:

@@ -51,6 +51,12 @@ def _md_value(value) -> str:
     return str(value)
 
 
+def _table(records: list[dict]) -> list[str]:
+    keys = list(records[0])
+    out = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+    return out + ["| " + " | ".join(_md_value(r[k]) for k in keys) + " |" for r in records]
+
+
 def markdown(report: dict) -> str:
     lines = ["# The main job: a concept learned as personalized residuals", ""]
     rows = report.get("rows")
@@ -60,6 +66,10 @@ def markdown(report: dict) -> str:
     for key, value in report.items():
         if key != "rows" and isinstance(value, dict):
             lines.append(f"- **{key}**: " + ", ".join(f"{k} {_md_value(v)}" for k, v in value.items()))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines += ["", f"**{key}**", "", *_table(value)]
+        elif isinstance(value, list):
+            lines.append(f"- **{key}**: " + "; ".join(_md_value(v) for v in value))
     if rows:
         metrics = [k for k in next(iter(rows.values())) if k != "samples"]
         lines += ["", "| row | samples | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
