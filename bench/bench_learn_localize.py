@@ -124,7 +124,24 @@ def phase_sample(args, ckpt_path):
     for _ in range(args.repeats):
         for mode in setups:
             times[mode].append(run(mode, args.steps))
-    return {m: {"per_step_s": sorted(t)[len(t) // 2], "peak_mb": peaks[m]} for m, t in times.items()}
+    ops = {}
+    for m in setups if args.count_ops else ():
+        run(m, 2)  # loads and patches this mode's model outside the profiled run
+        ops[m] = count_ops(lambda m=m: run(m, 2))
+    return {m: {"per_step_s": sorted(t)[len(t) // 2], "peak_mb": peaks[m], "ops": ops.get(m),
+                "gated_blocks": len(rs.layers)} for m, t in times.items()}
+
+
+def count_ops(fn) -> int:
+    """Tensor operations (top-level aten ops, as the Python code dispatches them) in one model call: ``fn`` samples
+    2 steps with Euler, which calls the model twice (once per step, the CFG batch in one call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(top) // 2
 
 
 def phase_train(kind, args, ckpt_path, steps):
@@ -164,6 +181,8 @@ def phase_train(kind, args, ckpt_path, steps):
 def run_phase(name, args, **extra):
     cmd = [sys.executable, __file__, "--phase", name, "--size", str(args.size), "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--ckpt", args.ckpt, "--train-steps", str(args.train_steps)]
+    if args.count_ops:
+        cmd.append("--count-ops")
     if extra.pop("lora_checkpointing", args.lora_checkpointing):
         cmd.append("--lora-checkpointing")
     for k, v in extra.items():
@@ -199,6 +218,9 @@ def main():
     ap.add_argument("--both-checkpointing", action="store_true",
                     help="time TrainLoraNode both without and with gradient checkpointing")
     ap.add_argument("--only-sampling", action="store_true", help="measure (a) only")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count the tensor operations of one model call per mode (torch profiler) and print "
+                         "what the residual and LAG's gate add per gated block")
     ap.add_argument("--ckpt", default="", help=f"checkpoint path (default: {CKPT} in the test cache)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--train-total", type=int, default=0, help=argparse.SUPPRESS)
@@ -221,6 +243,12 @@ def main():
     for m, r in res.items():
         if r:
             print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
+    if args.count_ops and all(res.values()):
+        blocks = res["lag"]["gated_blocks"]
+        print(f"tensor ops per model call: base {res['base']['ops']}, global {res['global']['ops']}, "
+              f"LAG {res['lag']['ops']}; per gated block ({blocks}): the residual adds "
+              f"{(res['global']['ops'] - res['base']['ops']) / blocks:.1f}, LAG's gate "
+              f"{(res['lag']['ops'] - res['global']['ops']) / blocks:.1f} more (target <= 10)", flush=True)
     if args.only_sampling:
         if all(res.values()):
             print(f"(a) LAG / global sampling time per step: "
