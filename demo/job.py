@@ -51,9 +51,13 @@ class Phases:
 
 
 def _mask_images(gate: ResidualGate, n: int, size: int) -> torch.Tensor:
-    """[n, size, size]: per sample, the share of gated blocks where LAG applied the residual at the last step."""
+    """[n, size, size]: per sample, where LAG applied the residual at the last step, in the finest gated blocks
+    (their binary masks averaged: 1 where every one of them applied it)."""
+    finest = max((m.shape[1] for m in gate.last_masks.values()), default=0)
     maps = []
     for m in gate.last_masks.values():
+        if m.shape[1] != finest:
+            continue
         rows = m[-n:].float()  # the conditional half of the CFG batch
         side = int(round(rows.shape[1] ** 0.5))
         maps.append(F.interpolate(rows.view(n, 1, side, side), size=(size, size), mode="nearest")[:, 0])
@@ -147,7 +151,7 @@ def run(args, setup: Setup, images: torch.Tensor, phases: Phases) -> dict:
             hits = sum(s.colour for s in scores[row])
             note = f"{concept.colour}: {hits}/{len(scores[row])}"
         sheet_rows.append(SheetRow(ROW_TITLES[row], note, tiles))
-    sheet_rows.append(SheetRow("LAG mask", "white: on in every block",
+    sheet_rows.append(SheetRow("LAG mask", "finest blocks; white: on",
                                [Tile(masks[p * per_prompt], f"{float(masks[p * per_prompt].mean()):.0%} of the image")
                                 for p in range(len(specs))]))
     what = f"a {concept.words()}" if concept else f"'{token} {class_word}'"
