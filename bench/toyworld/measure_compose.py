@@ -1,4 +1,4 @@
-"""Composition on the toy world (issue "Compose"): two learned concepts in one prompt, one command.
+"""Composition on the toy world: two learned concepts in one prompt, one command.
 
     python -m bench.toyworld.measure_compose [--steps 300] [--json bench/toyworld/results/compose.json]
 

@@ -1,4 +1,4 @@
-"""See and extract on the toy world (issue "See and extract"): one command, a table and a JSON file.
+"""See and extract on the toy world: one command, a table and a JSON file.
 
     python -m bench.toyworld.measure_see [--scenes 60] [--extract-scenes 12] [--json bench/toyworld/results/see.json]
 

@@ -1,6 +1,7 @@
-"""Compose, items 3-5 of issue 5, in a real ComfyUI: Custom Diffusion (K/V training, closed-form merge), FreeCustom
-(multi-reference self-attention), Multi-Concept T2I-Zero (correction, cross-token NMS). Every workflow runs
-headless to an image; the identities that hold exactly are pinned bit for bit; bad input gets a clear message."""
+"""Compose in a real ComfyUI, the methods that act on keys, values and attention: Custom Diffusion (K/V
+training, closed-form merge), FreeCustom (multi-reference self-attention), Multi-Concept T2I-Zero (correction,
+cross-token NMS). Every workflow runs headless to an image; the identities that hold exactly are pinned bit for bit;
+bad input gets a clear message."""
 import re
 
 import pytest
