@@ -528,7 +528,7 @@ def load_concepts(path: str) -> ConceptSet:
                          EDITED)
     stored = sorted(k for k in sd if k.startswith(HANDLE_KEY))
     expect = [f"{HANDLE_KEY}{i}" for i in range(len(tokens))]
-    if sorted(stored) != sorted(expect):
+    if stored != sorted(expect):
         raise broken(path, kind, f"has contradictory metadata: it names {len(tokens)} token(s) but holds "
                                  f"{len(stored)} handle(s) ({', '.join(stored) or 'none'})",
                      EDITED)

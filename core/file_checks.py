@@ -86,17 +86,17 @@ def read_checked(path: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def check_finite(sd: dict[str, torch.Tensor], path: str, kind: str) -> None:
-    """Raise when a floating-point tensor holds NaN or Inf, naming the first such key."""
+    """Raise when a floating-point tensor holds NaN or Inf, naming the first such key (one pass per tensor)."""
     for key, t in sd.items():
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        values = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else t.float()
-        if torch.isnan(values).any():
-            raise broken(path, kind, f"holds NaN values in '{key}'",
-                         "the training that wrote it diverged or the file is damaged: train or save it again")
-        if torch.isinf(values).any():
-            raise broken(path, kind, f"holds Inf values in '{key}'",
-                         "the training that wrote it diverged or the file is damaged: train or save it again")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            t = t.float()  # float8 and other storage types: compare in float32
+        if bool(torch.isfinite(t).all()):
+            continue
+        what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise broken(path, kind, f"holds {what} values in '{key}'",
+                     "the training that wrote it diverged or the file is damaged: train or save it again")
 
 
 def generic_role(key: str) -> tuple[str, str] | None:
@@ -157,16 +157,21 @@ def metadata_json(meta: dict[str, str], key: str, path: str, kind: str, required
                      EDITED) from None
 
 
+def plain_file_mode() -> int:
+    """The mode ``open`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
     """Write a safetensors file under a temporary name, then rename it over ``path``: a crash never leaves a
-    half-written file under the real name. The file gets the mode any new file gets under the umask (safetensors
-    itself creates files readable by their owner only, which hides them from a server running as another user)."""
+    half-written file under the real name. The file gets ``plain_file_mode`` (safetensors itself creates files
+    readable by their owner only, which hides them from a server running as another user)."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, plain_file_mode())
     os.replace(tmp, path)
     return path

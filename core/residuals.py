@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .file_checks import EDITED, broken, check_factors, metadata_json, read_checked, save_atomic
+from .file_checks import EDITED, broken, check_factors, generic_role, metadata_json, read_checked, save_atomic
 from .layouts import TransformerSite, family_label
 
 KEY_PREFIX = "diffusion_model."
@@ -203,8 +203,9 @@ def load(path: str) -> ResidualSet:
 
 def check_residual_keys(sd: dict[str, torch.Tensor], meta: dict[str, str], path: str, kind: str) -> None:
     """Raise ``BrokenFileError`` unless every layer has both factors under the generic keys and there is one."""
-    downs = {k[:-len(".lora_down.weight")] for k in sd if k.startswith(KEY_PREFIX) and k.endswith(".lora_down.weight")}
-    ups = {k[:-len(".lora_up.weight")] for k in sd if k.startswith(KEY_PREFIX) and k.endswith(".lora_up.weight")}
+    roles = [generic_role(k) for k in sd if k.startswith(KEY_PREFIX)]
+    downs = {stem for stem, role in filter(None, roles) if role == "down:0"}
+    ups = {stem for stem, role in filter(None, roles) if role == "up:0"}
     for stem in sorted(downs ^ ups):
         have, lack = ("lora_down", "lora_up") if stem in downs else ("lora_up", "lora_down")
         raise broken(path, kind, f"has '{stem}.{have}.weight' but no matching {lack} weight (incomplete factors)")

@@ -76,14 +76,14 @@ def download_images(server: str, outputs: dict, out: Path, stem: str) -> list[st
 def run_on_server(args) -> dict:
     from core.toy_models import concept_renders
 
-    from .cli import IMAGE_SUFFIXES
+    from .cli import image_files
     from .report import save_png, settle, write_report
 
     server = args.server.rstrip("/")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.images:
-        files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(args.images)
     else:
         files = []
         for i, img in enumerate(concept_renders(4, args.resolution, seed=0)):

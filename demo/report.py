@@ -9,17 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def file_mode() -> int:
-    """The mode a plain new file gets under the current umask (what ``open`` would give)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+from core.file_checks import plain_file_mode
 
 
 def settle(path: Path) -> Path:
     """Give ``path`` the same mode as every other output file (some writers create files 0600)."""
-    os.chmod(path, file_mode())
+    os.chmod(path, plain_file_mode())
     return path
 
 
