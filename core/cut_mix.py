@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .extract import HandleAttention
-from .lora_files import lora_forward
+from .hooks.gate import LowRankGate, resize_mask
 from .masks import block_hw
-from .regions import resize_gate
-from .residuals import LowRank, ResidualSet
+from .residuals import ResidualSet
 
 
 def object_column(mask: torch.Tensor | None, width: int) -> float:
@@ -86,49 +85,15 @@ def cut_mix(images_a: torch.Tensor, masks_a: torch.Tensor | None, images_b: torc
     return torch.stack(out), half, 1 - half
 
 
-def _spatial_gate(mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """``mask`` [H, W] at a layer output's positions (``regions.resize_gate``), shaped to multiply it."""
-    if output.ndim == 4:
-        hw = tuple(output.shape[-2:])
-    else:  # [B, N, C] tokens: the mask's aspect ratio gives the grid
-        n, (mh, mw) = output.shape[1], mask.shape
-        h = max(1, round((n * mh / mw) ** 0.5))
-        hw = (h, n // h)
-        if hw[0] * hw[1] != n:
-            raise ValueError(f"cannot place {n} positions on a {mh}x{mw} mask's grid")
-    g = resize_gate(mask, hw).to(output.device, output.dtype)
-    return g.view(1, 1, *hw) if output.ndim == 4 else g.view(1, -1, 1)
-
-
 @contextlib.contextmanager
 def gated_residuals(modules: dict[str, nn.Module], sets: list[tuple[ResidualSet, torch.Tensor]]) -> Iterator[None]:
-    """Each residual set adds ``gate ⊙ ΔW x`` to its layers' outputs, its gate its own mask [H, W] (image size);
-    differentiable in the sets' factors (for training), hooks removed on exit. ``RegionGate`` computes the same
-    (tested equal) but caches fused factors per run, which training would leave stale."""
-    handles = []
-    paths = sorted({p for rs, _ in sets for p in rs.layers})
-    gates: dict[tuple, torch.Tensor] = {}  # resized once per set, layout, device and dtype, not per layer and step
-
-    def gate(i: int, output: torch.Tensor) -> torch.Tensor:
-        key = (i, output.ndim, tuple(output.shape[1:]), output.device, output.dtype)
-        if key not in gates:
-            gates[key] = _spatial_gate(sets[i][1], output)
-        return gates[key]
-    try:
-        for path in paths:
-            layers: list[tuple[int, LowRank]] = [(i, rs.layers[path]) for i, (rs, _) in enumerate(sets)
-                                                 if path in rs.layers]
-
-            def hook(mod, inputs, output, layers=layers):
-                x = inputs[0]
-                for i, layer in layers:
-                    output = output + gate(i, output) * lora_forward(layer, x.to(output.dtype))
-                return output
-            handles.append(modules[path].register_forward_hook(hook))
+    """Each residual set adds ``gate ⊙ ΔW x`` to its layers' outputs, its gate its own mask [H, W] (image size):
+    one mask-gated ``LowRankGate`` per set, differentiable in the sets' factors (for training), removed on exit.
+    ``RegionGate`` computes the same at sampling time (tested equal)."""
+    with contextlib.ExitStack() as stack:
+        for rs, mask in sets:
+            stack.enter_context(LowRankGate([], rs, mask=mask, modules=modules))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def unmix_loss(maps: list[torch.Tensor], regions: list[torch.Tensor], latent_hw: tuple[int, int],
@@ -147,7 +112,7 @@ def unmix_loss(maps: list[torch.Tensor], regions: list[torch.Tensor], latent_hw:
         key = (m.shape[-1], m.device, m.dtype)
         if key not in cache:
             hw = block_hw(m.shape[-1], latent_hw)
-            cache[key] = torch.stack([1 - resize_gate(r, hw) for r in regions]).to(m.device, m.dtype)  # [K, N]
+            cache[key] = torch.stack([1 - resize_mask(r, hw) for r in regions]).to(m.device, m.dtype)  # [K, N]
         per_layer.append((m * cache[key]).pow(2).mean())
     return torch.stack(per_layer).mean()
 

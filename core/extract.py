@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import all_token_attention, token_attention
-from .capture import qk_hooks, remove_hooks
+from .attention import token_indicator, token_mass, token_probabilities
+from .hooks.tap import AttentionEvent, UNetTap
 from .layouts import TransformerSite
 from .masks import block_hw
 from .residuals import ResidualSet
@@ -48,31 +48,26 @@ class SelfAttentionRecorder:
         self.latent_hw, self.max_width = latent_hw, max_width
         self.sums: dict[int, torch.Tensor] = {}  # positions -> [rows, N, N]
         self.counts: dict[int, int] = {}
-        self._handles: list = []
 
     def __enter__(self):
-        for _, module in self.sites:
-            for block in module.transformer_blocks:
-                self._handles += qk_hooks(block.attn1, self._on_qk(block.attn1.heads))
+        self._tap = UNetTap(self.sites, "self").listen(self._on_attention).install()
         return self
 
     def __exit__(self, *exc):
-        remove_hooks(self._handles)
+        self._tap.remove()
 
     def _too_wide(self, n: int) -> bool:
         return bool(self.max_width and self.latent_hw and block_hw(n, self.latent_hw)[1] > self.max_width)
 
-    def _on_qk(self, heads):
-        def on_qk(q, k):
-            n = q.shape[1]
-            if self._too_wide(n):
-                return
-            with torch.no_grad():
-                idx = torch.tensor(self.rows, device=q.device)
-                p = all_token_attention(q.index_select(0, idx), k.index_select(0, idx), heads).cpu()
-                self.sums[n] = p if n not in self.sums else self.sums[n] + p
-                self.counts[n] = self.counts.get(n, 0) + 1
-        return on_qk
+    def _on_attention(self, ev: AttentionEvent) -> None:
+        n = ev.image_tokens
+        if self._too_wide(n):
+            return
+        with torch.no_grad():
+            idx = torch.tensor(self.rows, device=ev.q.device)
+            p = token_probabilities(ev.queries().index_select(0, idx), ev.keys().index_select(0, idx)).cpu()
+            self.sums[n] = p if n not in self.sums else self.sums[n] + p
+            self.counts[n] = self.counts.get(n, 0) + 1
 
 
 def record_self_attention(sites, latent_hw: tuple[int, int], run_draw, draws: int,
@@ -301,28 +296,26 @@ def attention_alignment_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.T
 
 class HandleAttention:
     """Cross-attention maps of the handles' positions with gradients, one [B, K, N] tensor per block, for the
-    alignment loss (the capture hooks of ``core.capture``)."""
+    alignment loss (a listener on the UNet's attention tap, ``core.hooks.tap``)."""
 
     def __init__(self, sites: list[tuple[TransformerSite, torch.nn.Module]]):
         self.sites = sites
         self.positions: list[list[int]] = []
         self.maps: list[torch.Tensor] = []
-        self._handles: list = []
 
     def __enter__(self):
-        for _, module in self.sites:
-            for block in module.transformer_blocks:
-                self._handles += qk_hooks(block.attn2, self._on_qk(block.attn2.heads), lambda: bool(self.positions))
+        self._tap = UNetTap(self.sites).listen(self._on_attention, lambda: bool(self.positions)).install()
         return self
 
     def __exit__(self, *exc):
-        remove_hooks(self._handles)
+        self._tap.remove()
 
-    def _on_qk(self, heads):
-        def on_qk(q, k):
-            per = [token_attention(q, k, heads, torch.tensor(p, device=q.device)) / heads for p in self.positions]
-            self.maps.append(torch.stack(per, 1))  # [B, K, N]
-        return on_qk
+    def _on_attention(self, ev: AttentionEvent) -> None:
+        qh, kh = ev.queries(), ev.keys()
+        heads = qh.shape[1]
+        per = [token_mass(qh, kh, token_indicator(torch.tensor(p, device=qh.device), heads, kh.shape[2], kh.shape[3],
+                                                  kh)) / heads for p in self.positions]
+        self.maps.append(torch.stack(per, 1))  # [B, K, N]
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Recording sums, on the fly, the head-averaged cross-attention probabilities of every prompt token for each
 conditional prompt ("source"), map resolution and step bin, so memory is fixed by the number of bins and does
-not grow with the number of steps. Maps come from the pack's one capture (``core.capture``); a heatmap is then
+not grow with the number of steps. Maps come from the pack's one attention tap (``core.hooks.tap``); a heatmap is then
 the sum of a word's sub-token columns, averaged over the chosen resolutions and steps, upsampled to the image.
 """
 from __future__ import annotations
@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import all_token_attention
-from .capture import qk_hooks, remove_hooks
-from .layouts import TransformerSite
+from .attention import token_probabilities
+from .hooks.tap import AttentionEvent, Tap, UNetTap
 from .masks import block_hw
 from .tokens import same_prompt
 
@@ -87,28 +86,31 @@ def step_fraction(sigma: float, sample_sigmas: torch.Tensor) -> float:
 
 
 class AttentionRecorder:
-    """Hooks on every transformer's cross-attention that add each call's maps to ``record``.
+    """A listener on an attention tap (``core.hooks.tap``) adding each call's maps to ``record``.
 
-    Before each UNet call set ``rows`` ({source: (row, ...)} of the batch: the conditional rows to record) and
-    ``bin``; an empty ``rows`` records nothing.
+    ``source`` is a tap or, for a UNet, its sites (``[(site, module)]``: the recorder then hooks their
+    ``attn2``). Before each model call set ``rows`` ({source: (row, ...)} of the batch: the conditional rows to
+    record) and ``bin``; an empty ``rows`` records nothing. On a DiT the maps are the image queries' softmax over
+    the text keys alone (the cross-attention map the UNet families have; docs/model-families.md).
     """
 
-    def __init__(self, sites: list[tuple[TransformerSite, torch.nn.Module]], record: AttentionRecord):
-        self.sites = sites
+    def __init__(self, source, record: AttentionRecord):
+        self.tap = source if isinstance(source, Tap) else UNetTap(source)
+        self._own = self.tap if not isinstance(source, Tap) else None
         self.record = record
         self.rows: dict[int, tuple[int, ...]] = {}
         self.bin = 0
-        self._handles: list = []
 
     def install(self) -> AttentionRecorder:
-        if not self._handles:
-            for _, module in self.sites:
-                for block in module.transformer_blocks:
-                    self._handles += qk_hooks(block.attn2, self._on_qk(block.attn2.heads), lambda: bool(self.rows))
+        self.tap.listen(self._on_attention, lambda: bool(self.rows))
+        if self._own is not None:
+            self._own.install()
         return self
 
     def remove(self) -> None:
-        remove_hooks(self._handles)
+        self.tap.unlisten(self._on_attention)
+        if self._own is not None:
+            self._own.remove()
 
     def __enter__(self):
         return self.install()
@@ -116,14 +118,12 @@ class AttentionRecorder:
     def __exit__(self, *exc):
         self.remove()
 
-    def _on_qk(self, heads: int):
-        def on_qk(q, k):
-            with torch.no_grad():
-                for source, rows in self.rows.items():
-                    idx = torch.tensor(rows, device=q.device)
-                    probs = all_token_attention(q.index_select(0, idx), k.index_select(0, idx), heads)
-                    self.record.add(source, self.bin, probs)
-        return on_qk
+    def _on_attention(self, ev: AttentionEvent) -> None:
+        with torch.no_grad():
+            for source, rows in self.rows.items():
+                idx = torch.tensor(rows, device=ev.q.device)
+                probs = token_probabilities(ev.queries().index_select(0, idx), ev.keys().index_select(0, idx))
+                self.record.add(source, self.bin, probs)
 
 
 def word_maps(record: AttentionRecord, source: int, positions: list[list[int]], widths: list[int] | None = None,

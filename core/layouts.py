@@ -11,22 +11,36 @@ from dataclasses import dataclass
 from torch import nn
 
 # Families a residual file can be made for; names are what users see in errors.
-FAMILY_NAMES = {"SD1": "Stable Diffusion 1.x", "SD2": "Stable Diffusion 2.x", "SDXL": "Stable Diffusion XL"}
+FAMILY_NAMES = {"SD1": "Stable Diffusion 1.x", "SD2": "Stable Diffusion 2.x", "SDXL": "Stable Diffusion XL",
+                "SD3": "Stable Diffusion 3 / 3.5 (MMDiT)", "Flux": "Flux.1", "Chroma": "Chroma"}
 
 
 @dataclass(frozen=True)
 class TransformerSite:
-    """One spatial transformer (a SpatialTransformer / Transformer2DModel) and its output projection."""
+    """One block's residual site: a UNet's spatial transformer (its ``proj_out``) or a DiT block's projection.
 
-    path: str  # ldm path of the transformer module, e.g. "input_blocks.1.1"
-    width: int  # channels into and out of proj_out
-    linear: bool  # proj_out is nn.Linear (SD2/SDXL) rather than a 1x1 conv (SD1)
-    depth: int  # number of transformer blocks (each with one cross-attention, attn2)
+    ``path`` is the block's module path in ComfyUI (ldm) names, ``layer`` the residual's layer inside it; the
+    residual's target is ``path.layer``. ``tokens`` says what the layer's output rows are: ``image`` (image
+    tokens or a feature map only) or ``joint`` (text then image tokens, as in Flux's single-stream blocks).
+    """
+
+    path: str  # e.g. "input_blocks.1.1", "joint_blocks.3", "single_blocks.0"
+    width: int  # output width of the residual's layer (its rank is 5% of this)
+    linear: bool  # the layer is nn.Linear (SD2/SDXL/DiTs) rather than a 1x1 conv (SD1)
+    depth: int  # attention calls feeding the site per model call (UNet transformer depth; 1 on DiTs)
+    layer: str = "proj_out"
+    in_width: int = 0  # input width when it differs from ``width`` (Flux's linear2: 15360 -> 3072)
+    tokens: str = "image"
+    module_layer: str = ""  # the layer's name inside the block module when the backend names it otherwise
 
     @property
     def target(self) -> str:
-        """The residual's target layer: this transformer's ``proj_out``."""
-        return f"{self.path}.proj_out"
+        """The residual's target layer, e.g. ``input_blocks.1.1.proj_out``."""
+        return f"{self.path}.{self.layer}"
+
+    @property
+    def inputs(self) -> int:
+        return self.in_width or self.width
 
 
 def is_spatial_transformer(module: nn.Module) -> bool:

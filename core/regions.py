@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import token_attention
-from .capture import qk_hooks, remove_hooks
+from .attention import token_indicator, token_mass
 from .compose import resolve_overlaps
+from .hooks.gate import resize_mask
+from .hooks.tap import AttentionEvent, UNetTap, remove_hooks
 from .layouts import TransformerSite
 from .lora_files import ConvLowRank, lora_forward
 from .masks import binarize
@@ -52,21 +53,12 @@ class Region:
     name: str = ""
 
 
-def resize_gate(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """A user mask [H, W] at a layer's resolution, flattened: [h*w] (area-averaged, so values stay in [0, 1])."""
-    m = mask.float()[None, None]
-    if tuple(m.shape[-2:]) != tuple(hw):
-        m = F.interpolate(m, size=hw, mode="area") if m.shape[-1] >= hw[1] else \
-            F.interpolate(m, size=hw, mode="bilinear", align_corners=False)
-    return m.flatten()
-
-
 class RegionGate:
     """Installs the hooks for ``regions`` on a UNet; keep one per sampling run (it remembers masks between calls).
 
     ``modules`` maps ldm paths to the UNet's modules; ``sites`` are its transformers (``core.layouts``).
     Before each call set ``rows`` (the batch rows whose prompt holds the regions' words) and ``borrow`` (per batch
-    row, the index into ``rows`` whose masks it uses, or -1), e.g. with ``plan_rows``.
+    row, the index into ``rows`` whose masks it uses, or -1), e.g. from ``core.hooks.plan.plan_batch``.
     """
 
     def __init__(self, modules: dict[str, nn.Module], sites: list[tuple[TransformerSite, nn.Module]],
@@ -89,6 +81,7 @@ class RegionGate:
         self._known_hw: list[tuple[int, int]] = []
         self._attn2_ran: set[str] = set()
         self._handles: list = []
+        self._tap: UNetTap | None = None
         self._site_of = {}
         self._attn2 = {}
         for site, module in sites:
@@ -102,9 +95,7 @@ class RegionGate:
         if self._handles:
             return self
         if self.token_regions:
-            for site, module in self.sites:
-                for block in module.transformer_blocks:
-                    self._handles += qk_hooks(block.attn2, self._on_qk(site.path, block.attn2.heads), self._wanted)
+            self._tap = UNetTap(self.sites).listen(self._on_attention, self._wanted).install()
         by_module: dict[str, list[int]] = {}
         for i, r in enumerate(self.regions):
             for path in r.layers:
@@ -128,6 +119,9 @@ class RegionGate:
 
     def remove(self) -> None:
         remove_hooks(self._handles)
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
         self._maps.clear()
         self._site_masks.clear()
         self._gates.clear()
@@ -156,16 +150,16 @@ class RegionGate:
     def _wanted(self) -> bool:
         return bool(self.rows)
 
-    def _on_qk(self, path: str, heads: int):
-        def on_qk(q, k):
-            idx = torch.tensor(self.rows, device=q.device)
-            q, k = q.index_select(0, idx), k.index_select(0, idx)
-            maps = self._maps.setdefault(path, [None] * len(self.regions))
-            self._version[path] = self._version.get(path, 0) + 1
-            for i in self.token_regions:
-                m = token_attention(q, k, heads, torch.tensor(self.regions[i].tokens, device=q.device))
-                maps[i] = m if maps[i] is None else maps[i] + m
-        return on_qk
+    def _on_attention(self, ev: AttentionEvent) -> None:
+        path = self.sites[ev.site][0].path
+        idx = torch.tensor(self.rows, device=ev.q.device)
+        qh, kh = ev.queries().index_select(0, idx), ev.keys().index_select(0, idx)
+        maps = self._maps.setdefault(path, [None] * len(self.regions))
+        self._version[path] = self._version.get(path, 0) + 1
+        for i in self.token_regions:
+            tokens = torch.tensor(self.regions[i].tokens, device=qh.device)
+            m = token_mass(qh, kh, token_indicator(tokens, qh.shape[1], kh.shape[2], kh.shape[3], kh))
+            maps[i] = m if maps[i] is None else maps[i] + m
 
     def _resolve(self, maps: list[torch.Tensor | None], n: int, hw: tuple[int, int], device) -> torch.Tensor:
         """Masks [K, len(rows), n] of all regions at one resolution, overlaps resolved."""
@@ -173,7 +167,7 @@ class RegionGate:
         masks, scores = [], []
         for i, r in enumerate(self.regions):
             if r.mask is not None:
-                m = resize_gate(r.mask.to(device), hw).expand(rows, n)
+                m = resize_mask(r.mask.to(device), hw).expand(rows, n)
                 masks.append(m)
                 scores.append(m)
             elif maps[i] is not None:
@@ -438,15 +432,3 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(1, 2).reshape(b, n, -1)
-
-
-def plan_rows(batch: int, cond_or_uncond: list[int], concept_chunks: list[bool]) -> tuple[tuple, tuple]:
-    """(rows, borrow) for a batch of equal chunks: the rows of chunks holding the regions' prompt compute masks;
-    every row borrows the mask of the same latent in the first such chunk (CFG: the unconditional half too)."""
-    n = len(cond_or_uncond)
-    size = batch // n
-    src = next((c for c, yes in enumerate(concept_chunks) if yes), None)
-    if src is None:
-        return (), tuple(-1 for _ in range(batch))
-    rows = tuple(range(src * size, (src + 1) * size))
-    return rows, tuple(i % size for i in range(batch))

@@ -108,7 +108,7 @@ def init_residuals(sites: list[TransformerSite], ratio: float = DEFAULT_RANK_RAT
     layers = {}
     for site in sites:
         r = rank_for(site.width, ratio, fixed_rank)
-        down = torch.randn(r, site.width, generator=gen) / math.sqrt(site.width)
+        down = torch.randn(r, site.inputs, generator=gen) / math.sqrt(site.inputs)
         up = torch.randn(site.width, r, generator=gen) * (init_scale / math.sqrt(r))
         layers[site.target] = LowRank(down.to(device, dtype), up.to(device, dtype), float(r), conv=not site.linear)
     rule = f"fixed:{fixed_rank}" if fixed_rank > 0 else f"ratio:{ratio:g}"

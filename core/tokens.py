@@ -22,11 +22,20 @@ def find_subsequence(haystack: list[int], needle: list[int]) -> list[int]:
     return found
 
 
-def word_positions(prompt_ids: list[int], words: dict[str, list[int]], prompt: str = "") -> list[int]:
+TOKENIZER_NAMES = {"l": "CLIP-L", "g": "CLIP-G", "h": "OpenCLIP-H", "t5xxl": "T5"}
+
+
+def word_positions(prompt_ids: list[int], words: dict[str, list[int]], prompt: str = "",
+                   tokenizer: str = "") -> list[int]:
     """Sorted positions of all sub-tokens of every word; raises naming the missing word and the prompt."""
     positions: set[int] = set()
     for word, ids in words.items():
         hits = find_subsequence(prompt_ids, ids)
+        if not hits and tokenizer == "t5xxl" and word in prompt:
+            raise TokenNotFoundError(
+                f"T5 splits the word '{word}' into pieces ({len(ids)} tokens) that do not appear as such in the "
+                f"prompt \"{prompt}\" (T5 tokenizes a word differently next to punctuation or inside another "
+                "word): put spaces around it, or choose a token that is one plain word")
         if not hits:
             raise TokenNotFoundError(
                 f"the word '{word}' is not in the prompt \"{prompt}\"; write it into the prompt "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from core import residuals as R
 from core import training
-from core.localize import ResidualGate
+from core.hooks.gate import LowRankGate
 from core.patching import diffusers as D
 from core.plots import line_plot
 
@@ -50,7 +50,7 @@ class Phases:
             log.info("      [%s%s] step %d/%d  loss %.4f", "#" * filled, "." * (20 - filled), step, total, loss)
 
 
-def _mask_images(gate: ResidualGate, n: int, size: int) -> torch.Tensor:
+def _mask_images(gate: LowRankGate, n: int, size: int) -> torch.Tensor:
     """[n, size, size]: per sample, where LAG applied the residual at the last step, in the finest gated blocks
     (their binary masks averaged: 1 where every one of them applied it)."""
     finest = max((m.shape[1] for m in gate.last_masks.values()), default=0)
@@ -80,7 +80,7 @@ def sample_rows(setup: Setup, rs: R.ResidualSet, specs: list[PromptSpec], per_pr
             if row == "base":
                 out = setup.sampler(prompts, seed, steps, cfg, resolution)
             else:
-                with ResidualGate(sites, rs, localized=row == "lag") as gate:
+                with LowRankGate(sites, rs, localized=row == "lag") as gate:
                     out = setup.sampler(prompts, seed, steps, cfg, resolution, gate, list(idx))
                     if row == "lag":
                         lag_masks = _mask_images(gate, len(prompts), out.shape[1])

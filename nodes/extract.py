@@ -13,7 +13,7 @@ from ..core import extract as X
 from ..core import residuals as R
 from ..core import training
 from ..core.heatmaps import colorize
-from ..core.localize import ResidualGate
+from ..core.hooks.gate import LowRankGate
 from ..core.patching import comfy as P
 from ..core.plots import line_plot
 from ..core.tokens import find_subsequence
@@ -279,7 +279,7 @@ class LearnConcepts(io.ComfyNode):
 
                 def train_progress(step, n, loss):
                     progress(search_calls + step, total + search_calls, loss)
-                gate = ResidualGate(sites, rs) if rs is not None else None
+                gate = LowRankGate(sites, rs) if rs is not None else None
                 try:
                     if gate is not None:
                         gate.install()

@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..core import residuals as R
 from ..core import training
-from ..core.localize import ResidualGate
+from ..core.hooks.gate import LowRankGate
 from ..core.patching.comfy import apply_global, concept_positions, model_family, model_sites
 from ..core.plots import line_plot
 from ._support import (
@@ -117,7 +117,7 @@ class TrainPersonalizedResiduals(io.ComfyNode):
             sites = model_sites(mp)
             targets = R.select_sites([s for s, _ in sites], target_blocks or "")
             rs = R.init_residuals(targets, rank_ratio, seed=seed, device=device, metadata=meta)
-            with ResidualGate(sites, rs):
+            with LowRankGate(sites, rs):
                 losses = train_on_latents(mp, conds[0] if caption_of_view is None else conds, latents,
                                           rs.parameters(), config, progress, lat_masks, caption_of_view, seed=seed)
         rs = residuals_to_cpu(rs)

@@ -48,10 +48,10 @@ def test_kv_hooks_add_the_low_rank_update_and_start_at_the_base():
     lin = nn.Linear(8, 5, bias=False)
     x = torch.randn(3, 7, 8)
     rs = CC.init_kv_residuals([("a.to_k", 8, 5)], rank=2, seed=1)
-    with CC.KVResidualHooks({"a.to_k": lin}, rs):
+    with CC.kv_residuals({"a.to_k": lin}, rs):
         assert torch.equal(lin(x), x @ lin.weight.T)  # up = 0: exactly the base
     rs.layers["a.to_k"].up = torch.randn(5, 2)
-    with CC.KVResidualHooks({"a.to_k": lin}, rs, strength=0.5):
+    with CC.kv_residuals({"a.to_k": lin}, rs, strength=0.5):
         got = lin(x)
     expect = x @ (lin.weight + 0.5 * rs.layers["a.to_k"].delta()).T
     assert torch.allclose(got, expect, atol=1e-5)

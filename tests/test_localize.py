@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from core import residuals as R
-from core.localize import LocalizationError, ResidualGate, cfg_plan
+from core.hooks.gate import LocalizationError, LowRankGate
+from core.hooks.plan import cfg_plan
 from core.patching.diffusers import concept_positions, encode_text, unet_family, unet_sites
 
 PROMPT = "a photo of a sks dog on the beach"
@@ -40,25 +41,25 @@ def test_zero_residual_is_the_base_model_exactly(unet, batch):
     base = run(unet, batch)
     rs = residuals_for(unet, zero=True)
     for localized in (False, True):
-        with ResidualGate(unet_sites(unet), rs, localized=localized) as gate:
+        with LowRankGate(unet_sites(unet), rs, localized=localized) as gate:
             assert torch.equal(run(unet, batch, gate), base)
 
 
 def test_lag_mask_of_zeros_is_base_and_mask_of_ones_is_global_exactly(unet, batch):
     rs = residuals_for(unet)
     base = run(unet, batch)
-    with ResidualGate(unet_sites(unet), rs) as gate:
+    with LowRankGate(unet_sites(unet), rs) as gate:
         global_out = run(unet, batch, gate)
     assert not torch.allclose(global_out, base)
-    with ResidualGate(unet_sites(unet), rs, localized=True, mask_fn=torch.zeros_like) as gate:
+    with LowRankGate(unet_sites(unet), rs, localized=True, mask_fn=torch.zeros_like) as gate:
         assert torch.equal(run(unet, batch, gate), base)
-    with ResidualGate(unet_sites(unet), rs, localized=True, mask_fn=torch.ones_like) as gate:
+    with LowRankGate(unet_sites(unet), rs, localized=True, mask_fn=torch.ones_like) as gate:
         assert torch.equal(run(unet, batch, gate), global_out)
 
 
 def test_median_lag_turns_on_half_of_each_block_and_uncond_borrows_the_cond_mask(unet, batch):
     rs = residuals_for(unet)
-    with ResidualGate(unet_sites(unet), rs, localized=True) as gate:
+    with LowRankGate(unet_sites(unet), rs, localized=True) as gate:
         out = run(unet, batch, gate)
         masks = dict(gate.last_masks)
     assert set(masks) == {s.path for s, _ in unet_sites(unet)}
@@ -71,7 +72,7 @@ def test_median_lag_turns_on_half_of_each_block_and_uncond_borrows_the_cond_mask
 
 def test_hooks_are_gone_after_the_with_block(unet, batch):
     base = run(unet, batch)
-    with ResidualGate(unet_sites(unet), residuals_for(unet), localized=True) as gate:
+    with LowRankGate(unet_sites(unet), residuals_for(unet), localized=True) as gate:
         run(unet, batch, gate)
     assert torch.equal(run(unet, batch), base)
     assert all(not m._forward_hooks for m in unet.modules())
@@ -80,9 +81,9 @@ def test_hooks_are_gone_after_the_with_block(unet, batch):
 def test_strength_zero_and_inactive_plan_are_base(sd1_unet, batch):
     base = run(sd1_unet, batch)
     rs = residuals_for(sd1_unet)
-    with ResidualGate(unet_sites(sd1_unet), rs, strength=0.0, localized=True) as gate:
+    with LowRankGate(unet_sites(sd1_unet), rs, strength=0.0, localized=True) as gate:
         assert torch.equal(run(sd1_unet, batch, gate), base)
-    with ResidualGate(unet_sites(sd1_unet), rs, localized=True) as gate:
+    with LowRankGate(unet_sites(sd1_unet), rs, localized=True) as gate:
         x, t, ctx, idx = batch
         gate.plan = cfg_plan(2, [1, 0], idx, active=False)
         assert torch.equal(sd1_unet(x, t, encoder_hidden_states=ctx).sample, base)
@@ -106,7 +107,7 @@ def test_lag_composes_with_another_attention_processor(sd1_unet, batch):
             originals[block] = block.attn2.processor
             block.attn2.set_processor(Counting())
     try:
-        with ResidualGate(sites, residuals_for(sd1_unet), localized=True) as gate:
+        with LowRankGate(sites, residuals_for(sd1_unet), localized=True) as gate:
             run(sd1_unet, batch, gate)
             assert len(gate.last_masks) == len(sites)
         assert len(calls) == len(sites)
@@ -117,12 +118,12 @@ def test_lag_composes_with_another_attention_processor(sd1_unet, batch):
 
 def test_missing_maps_are_an_error_not_a_silent_global_residual(sd1_unet, batch):
     sites = unet_sites(sd1_unet)
-    gate = ResidualGate(sites, residuals_for(sd1_unet), localized=True)
+    gate = LowRankGate(sites, residuals_for(sd1_unet), localized=True)
     gate.install()
     try:
-        for h in [h for h in gate._handles][:2]:  # drop the first block's q/k hooks
+        for h in gate.tap._handles[:2]:  # drop the first block's q/k hooks
             h.remove()
-        with pytest.raises(LocalizationError, match="cross-attention"):
+        with pytest.raises(LocalizationError, match="attention map"):
             run(sd1_unet, batch, gate)
     finally:
         gate.remove()
@@ -130,16 +131,17 @@ def test_missing_maps_are_an_error_not_a_silent_global_residual(sd1_unet, batch)
 
 def test_cfg_plan_uncond_rows_borrow_the_same_latent():
     plan = cfg_plan(4, [0, 1], [5, 6])
-    assert plan.tokens == {(5, 6): [0, 1]} and plan.borrow == {2: 0, 3: 1}
+    assert plan.rows == (0, 1) and plan.tokens == (5, 6)
+    assert plan.borrow == (0, 1, 0, 1)  # rows 2, 3 (uncond) use the masks of rows 0, 1: the same latents
     plan = cfg_plan(2, [1], [5])
-    assert plan.tokens == {} and plan.borrow == {}  # an uncond-only call has no concept: no residual
+    assert not plan.gated and plan.borrow == (-1, -1)  # an uncond-only call has no concept: no residual
 
 
 def test_lag_on_a_non_square_latent_keeps_half_of_each_block(unet, tokenizer, text_encoder):
     ctx = encode_text(tokenizer, text_encoder, ["", PROMPT])
     x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(2))
     idx = concept_positions(tokenizer, PROMPT, ["sks", "dog"])
-    with ResidualGate(unet_sites(unet), residuals_for(unet), localized=True) as gate:
+    with LowRankGate(unet_sites(unet), residuals_for(unet), localized=True) as gate:
         gate.plan = cfg_plan(2, [1, 0], idx)
         with torch.no_grad():
             out = unet(x, torch.tensor([10, 10]), encoder_hidden_states=ctx).sample

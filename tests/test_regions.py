@@ -6,10 +6,11 @@ import torch
 
 from core import residuals as R
 from core.compose import OverlapError
-from core.localize import ResidualGate, cfg_plan
+from core.hooks.gate import LowRankGate, resize_mask
+from core.hooks.plan import cfg_plan, plan_batch
 from core.lora_files import ConvLowRank, lora_forward
 from core.patching.diffusers import concept_positions, encode_text, unet_modules, unet_sites
-from core.regions import Region, RegionGate, _attention, plan_rows, resize_gate
+from core.regions import Region, RegionGate, _attention
 from core.residuals import LowRank
 
 PROMPT = "a photo of a sks dog on the beach"
@@ -167,10 +168,11 @@ def test_one_attention_region_on_proj_out_is_lag(unet, call, tokenizer):
     x, t, ctx = call
     rs = R.init_residuals([s for s, _ in unet_sites(unet)], seed=3, init_scale=0.5)
     idx = concept_positions(tokenizer, PROMPT, ["sks", "dog"])
-    with ResidualGate(unet_sites(unet), rs, localized=True) as lag:
+    with LowRankGate(unet_sites(unet), rs, localized=True) as lag:
         lag.plan = cfg_plan(2, [1, 0], idx)
         ref = unet(x, t, encoder_hidden_states=ctx).sample
-    rows, borrow = plan_rows(2, [1, 0], [False, True])
+    plan = plan_batch(2, [1, 0], [False, True])
+    rows, borrow = plan.rows, plan.borrow
     out = run_gate(unet, call, [Region(dict(rs.layers), 1.0, tokens=idx)], rows=rows, borrow=borrow)
     assert torch.allclose(out, ref, atol=1e-6)
 
@@ -185,9 +187,11 @@ def test_overlapping_user_masks_with_the_error_rule_name_both(sd1_unet, call):
         run_gate(sd1_unet, call, regions, rule="error")
 
 
-def test_plan_rows_borrow_the_concept_chunk():
-    assert plan_rows(4, [1, 0], [False, True]) == ((2, 3), (0, 1, 0, 1))
-    assert plan_rows(2, [1], [False]) == ((), (-1, -1))
+def test_the_batch_plan_borrows_the_concept_chunk():
+    plan = plan_batch(4, [1, 0], [False, True])
+    assert (plan.rows, plan.borrow) == ((2, 3), (0, 1, 0, 1))
+    plan = plan_batch(2, [1], [False])
+    assert (plan.rows, plan.borrow) == ((), (-1, -1))
 
 
 @torch.no_grad()
@@ -222,7 +226,7 @@ def test_a_half_mask_text_side_region_is_its_gated_attention_change_at_the_first
     got = seen["out"]
     n = hidden.shape[1]
     side = int(round(n ** 0.5))
-    g = resize_gate(left, (side, side)).reshape(1, n, 1)
+    g = resize_mask(left, (side, side)).reshape(1, n, 1)
     q, k, v = attn.to_q(hidden), attn.to_k(ctx), attn.to_v(ctx)
     kr = k + 0.9 * lora_forward(layers[f"{attn_path}.to_k"], ctx)
     vr = v + 0.9 * lora_forward(layers[f"{attn_path}.to_v"], ctx)

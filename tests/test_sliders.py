@@ -6,7 +6,8 @@ import torch
 from core import residuals as R
 from core import sliders as S
 from core import training
-from core.localize import CallPlan, ResidualGate
+from core.hooks.gate import LowRankGate
+from core.hooks.plan import BatchPlan
 from core.patching.diffusers import encode_text, unet_sites
 
 AC = training.scaled_linear_alphas_cumprod()
@@ -14,7 +15,7 @@ AC = training.scaled_linear_alphas_cumprod()
 
 def make_predict(unet, gate, contexts):
     def predict(x_t, t, prompt, residual):
-        gate.plan = CallPlan(active=residual)
+        gate.plan = BatchPlan(active=residual)
         ctx = contexts[prompt].expand(x_t.shape[0], -1, -1)
         return unet(x_t, t, encoder_hidden_states=ctx).sample
     return predict
@@ -23,7 +24,7 @@ def make_predict(unet, gate, contexts):
 def train(unet, contexts, eta, steps=30, seed=0):
     rs = R.init_residuals([s for s, _ in unet_sites(unet)], fixed_rank=4, seed=seed, init_scale=0.0)
     cfg = training.TrainConfig(steps=steps, batch_size=2, learning_rate=3e-3, seed=seed)
-    with ResidualGate(unet_sites(unet), rs) as gate:
+    with LowRankGate(unet_sites(unet), rs) as gate:
         losses = S.train_guided(rs.parameters(), make_predict(unet, gate, contexts), (4, 8, 8), AC, eta,
                                 config=cfg)
     return rs.detached(), losses
@@ -37,7 +38,7 @@ def target_gap(unet, contexts, rs, eta, strength=1.0):
     t = torch.tensor([100, 300, 600, 900])
     eps = {k: unet(x, t, encoder_hidden_states=v.expand(4, -1, -1)).sample for k, v in contexts.items()}
     target = S.guided_target(eps["neutral"], eps["plus"], eps["minus"], eta)
-    with ResidualGate(unet_sites(unet), rs, strength=strength):
+    with LowRankGate(unet_sites(unet), rs, strength=strength):
         tuned = unet(x, t, encoder_hidden_states=contexts["neutral"].expand(4, -1, -1)).sample
     return ((tuned - target).norm() / (eps["neutral"] - target).norm()).item()
 
@@ -55,11 +56,11 @@ def test_slider_learns_the_guided_direction_and_strength_zero_is_base(sd1_unet, 
     ctx = slider_contexts["neutral"]
     with torch.no_grad():
         base = sd1_unet(x, t, encoder_hidden_states=ctx).sample
-        with ResidualGate(unet_sites(sd1_unet), rs, strength=0.0):
+        with LowRankGate(unet_sites(sd1_unet), rs, strength=0.0):
             assert torch.equal(sd1_unet(x, t, encoder_hidden_states=ctx).sample, base)
-        with ResidualGate(unet_sites(sd1_unet), rs, strength=1.0):
+        with LowRankGate(unet_sites(sd1_unet), rs, strength=1.0):
             plus = sd1_unet(x, t, encoder_hidden_states=ctx).sample
-        with ResidualGate(unet_sites(sd1_unet), rs, strength=-1.0):
+        with LowRankGate(unet_sites(sd1_unet), rs, strength=-1.0):
             minus = sd1_unet(x, t, encoder_hidden_states=ctx).sample
     cosine = torch.nn.functional.cosine_similarity((plus - base).flatten(), (minus - base).flatten(), 0)
     assert cosine < -0.9  # a negative strength turns the attribute the other way
@@ -110,7 +111,7 @@ def test_training_on_the_trajectory_trains_at_its_states(sd1_unet, slider_contex
     seen = []
     rs = R.init_residuals([s for s, _ in unet_sites(sd1_unet)], fixed_rank=2, seed=0, init_scale=0.0)
     cfg = training.TrainConfig(steps=3, batch_size=2, learning_rate=3e-3, seed=0)
-    with ResidualGate(unet_sites(sd1_unet), rs) as gate:
+    with LowRankGate(unet_sites(sd1_unet), rs) as gate:
         inner = make_predict(sd1_unet, gate, slider_contexts)
 
         def predict(x_t, t, prompt, residual):
@@ -127,7 +128,7 @@ def test_a_preserved_prompt_alone_leaves_the_residual_at_zero(sd1_unet, slider_c
     # zero-initialised residual the loss and every gradient are exactly zero, so training never moves it
     rs = R.init_residuals([s for s, _ in unet_sites(sd1_unet)], fixed_rank=2, seed=0, init_scale=0.0)
     cfg = training.TrainConfig(steps=3, batch_size=2, learning_rate=3e-3, seed=0)
-    with ResidualGate(unet_sites(sd1_unet), rs) as gate:
+    with LowRankGate(unet_sites(sd1_unet), rs) as gate:
         losses = S.train_guided(rs.parameters(), make_predict(sd1_unet, gate, slider_contexts), (4, 8, 8), AC, 2.0,
                                 config=cfg, sets=[("neutral", "neutral", "neutral")])
     assert losses == [0.0, 0.0, 0.0]

@@ -103,7 +103,7 @@ def test_committed_weights_checksum(name):
 
 def test_base_model_loads_and_samples_with_lag():
     from core import residuals as R
-    from core.localize import ResidualGate
+    from core.hooks.gate import LowRankGate
     from core.patching.diffusers import concept_positions, unet_sites
 
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_base_model_loads_and_samples_with_lag():
     rs = R.init_residuals([s for s, _ in sites], init_scale=1.0, seed=0)
     prompt = "a sks shape on the left on a gray background"
     idx = concept_positions(tok, prompt, ["sks", "shape"])
-    with ResidualGate(sites, rs, localized=True) as gate:
+    with LowRankGate(sites, rs, localized=True) as gate:
         lag = M.generate(unet, te, tok, [prompt], seed=0, steps=4, gate=gate, token_idx=idx)
     assert torch.isfinite(lag).all() and gate.last_masks
     for m in gate.last_masks.values():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core import training
-from core.localize import ResidualGate
+from core.hooks.gate import LowRankGate
 from core.patching.diffusers import encode_images, encode_text, train_residuals, unet_sites
 from core.tokens import TokenNotFoundError
 
@@ -25,7 +25,7 @@ def fixed_eval_loss(unet, vae, tokenizer, text_encoder, images, rs=None):
             if rs is None:
                 pred = unet(x_t, t, encoder_hidden_states=ctx).sample
             else:
-                with ResidualGate(unet_sites(unet), rs):
+                with LowRankGate(unet_sites(unet), rs):
                     pred = unet(x_t, t, encoder_hidden_states=ctx).sample
             total += torch.mean((pred - noise) ** 2).item()
     return total / 4

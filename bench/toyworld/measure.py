@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from core import training
-from core.localize import ResidualGate
+from core.hooks.gate import LowRankGate
 from core.patching import diffusers as D
 
 from . import judge as J
@@ -185,7 +185,7 @@ def _residual_row(ctx: Ctx, localized: bool, captions: bool = False) -> Row:
     sites = D.unet_sites(ctx.unet)
 
     def sample(prompts, seed):
-        with ResidualGate(sites, rs, localized=localized) as gate:
+        with LowRankGate(sites, rs, localized=localized) as gate:
             return _plain_sample(ctx, prompts, seed, gate=gate, token_idx=_token_idx(ctx, prompts))
 
     note = "LAG: median-gated by each block's V* cross-attention" if localized else "global residual"

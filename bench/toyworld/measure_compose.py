@@ -41,9 +41,10 @@ import torch
 from core import training
 from core.compose import custom_diffusion_merge_layers
 from core.cut_mix import cut_mix, gated_residuals, trainable_copy, unmix_term
-from core.localize import ResidualGate, cfg_plan
+from core.hooks.gate import LowRankGate
+from core.hooks.plan import cfg_plan, plan_batch
 from core.patching import diffusers as D
-from core.regions import Region, RegionGate, plan_rows
+from core.regions import Region, RegionGate
 
 from . import judge as J
 from . import model as M
@@ -236,7 +237,7 @@ def sample_regional_prompts(unet, te, tok, items, seed: int) -> torch.Tensor:
         eps_u = unet(xin, t, encoder_hidden_states=uncond).sample
         eps_c = torch.zeros_like(eps_u)
         for cond, mask, rs in conds:
-            gate = ResidualGate(sites, rs)
+            gate = LowRankGate(sites, rs)
             gate.install()
             gate.plan = cfg_plan(1, [0], [])
             try:
@@ -277,7 +278,7 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
     def rows_for(name):
         if name == "global":
             def ctx_global(prompt):
-                gates = [ResidualGate(sites, learned[t][0]) for t in concepts]
+                gates = [LowRankGate(sites, learned[t][0]) for t in concepts]
                 return gates, None
             return ctx_global
 
@@ -292,7 +293,8 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
                     regions.append(Region(layers, mask=mask, name=token))
             gate = RegionGate(modules, sites, regions, "argmax")
             gate.set_latent_hw((unet.config.sample_size, unet.config.sample_size))
-            rows, borrow = plan_rows(2, [1, 0], [False, True])
+            plan = plan_batch(2, [1, 0], [False, True])
+            rows, borrow = plan.rows, plan.borrow
             return [gate], lambda batch: gate.begin_call(rows, borrow)
         return ctx_regions
 
@@ -345,7 +347,7 @@ def run(weights: str, judge_path: str, steps: int, n_seeds: int = len(SAMPLE_SEE
                     gates, before = ([], None) if name == "none" else rows_for(name)(prompt)
                     for g in gates:
                         g.install()
-                        if isinstance(g, ResidualGate):
+                        if isinstance(g, LowRankGate):
                             g.plan = cfg_plan(2, [1, 0], [])
                     try:
                         img = sample(unet, te, tok, prompt, seed, before)

@@ -42,9 +42,10 @@ from core import leace as L
 from core import residuals as R
 from core import sliders as SL
 from core import training
-from core.localize import CallPlan, ResidualGate
+from core.hooks.gate import LowRankGate
+from core.hooks.plan import BatchPlan
 from core.patching import diffusers as D
-from core.patching.comfy_compose import KVResidualHooks
+from core.patching.comfy_compose import kv_residuals
 from core.patching.comfy_erase import guided_residuals
 from core.steering import SLD_PRESETS, prompt_gate, sld_gamma, sld_momentum, steering_correction, word_summary
 from core.tokens import find_subsequence
@@ -119,7 +120,7 @@ def generate(unet, te, tok, prompts, seed, cond_fn=None, steer=None, gate=None, 
     for step, t in enumerate(sched.timesteps):
         inp = sched.scale_model_input(torch.cat([x] * len(parts)), t)
         if gate is not None:
-            gate.plan = CallPlan(active=True)
+            gate.plan = BatchPlan(active=True)
         out = unet(inp, t, encoder_hidden_states=context).sample.chunk(len(parts))
         a = ac[int(t)].expand(b)
         eps = [training.convert_prediction(o, "v", "eps", x, a) for o in out]
@@ -156,8 +157,8 @@ class Erased:
     sld: tuple | None = None  # SLD's (warm-up steps, momentum scale, beta)
 
 
-def _kv_hooks(e: Erased) -> KVResidualHooks:
-    return KVResidualHooks(dict(E.cross_attention_projections(D.unet_sites(e.unet))), e.residuals, e.strength)
+def _kv_hooks(e: Erased) -> kv_residuals:
+    return kv_residuals(dict(E.cross_attention_projections(D.unet_sites(e.unet))), e.residuals, e.strength)
 
 
 def sample(e: Erased, te, tok, prompts, seed):
@@ -166,7 +167,7 @@ def sample(e: Erased, te, tok, prompts, seed):
     if e.kv:
         with _kv_hooks(e):
             return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer)
-    with ResidualGate(D.unet_sites(e.unet), e.residuals, e.strength) as gate:
+    with LowRankGate(D.unet_sites(e.unet), e.residuals, e.strength) as gate:
         return generate(e.unet, te, tok, prompts, seed, e.cond_fn, e.steer, gate)
 
 
@@ -467,7 +468,7 @@ def attack_rate(e: Erased, te, tok, judge, steps: int = 300, lr: float = 5e-3) -
     patch = contextlib.nullcontext()
     if e.residuals is not None:
         # the erased pipeline as it samples: a slider at its (negative) strength
-        patch = _kv_hooks(e) if e.kv else ResidualGate(D.unet_sites(e.unet), e.residuals, e.strength)
+        patch = _kv_hooks(e) if e.kv else LowRankGate(D.unet_sites(e.unet), e.residuals, e.strength)
     with inversion:
         with patch:
             training.train([inversion.vec], predict, latents, torch.zeros(1, 1, 1), M.train_alphas_cumprod(), "v",

@@ -37,7 +37,7 @@ import torch
 
 from core.extract import ExtractConfig, ExtractionError
 from core.heatmaps import AttentionRecord, AttentionRecorder, peak, word_maps
-from core.localize import ResidualGate
+from core.hooks.gate import LowRankGate
 from core.patching import diffusers as D
 
 from . import judge as J
@@ -161,7 +161,7 @@ def sample_prompt(unet, te, tok, concepts, prompt: str, seed: int) -> torch.Tens
     cond, pos = D.concept_context(tok, te, concepts, prompt)
     uncond = D.encode_text(tok, te, [""])
     c = unet.config
-    gate = ResidualGate(D.unet_sites(unet), concepts.residuals, localized=True) if concepts.residuals else None
+    gate = LowRankGate(D.unet_sites(unet), concepts.residuals, localized=True) if concepts.residuals else None
     if gate is not None:
         gate.install()
     try:

@@ -6,21 +6,26 @@ DIFFUSION_MODEL wrapper, so nothing outlives the call and the per-call state liv
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
-from ..layouts import find_sites
-from ..localize import ResidualGate, cfg_plan
+from ..families import FAMILIES, Family, comfy_family_key, find_sites
+from ..hooks.gate import LowRankGate
+from ..hooks.plan import PromptMatcher, plan_batch
+from ..hooks.tap import AttentionEvent, Tap, UNetTap
 from ..residuals import ResidualSet, to_state_dict
-from ..tokens import same_prompt, word_positions
+from ..tokens import word_positions
 
 log = logging.getLogger(__name__)
 
 DIFFUSION_MODEL = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL: one signature for every family
+OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 WRAPPER_KEY = "comfyui-concepts"
-
-_FAMILIES = {"SD15": "SD1", "SD20": "SD2", "SDXL": "SDXL", "SDXLRefiner": "SDXLRefiner"}
+OVERRIDE = "optimized_attention_override"
+TAPS = "concepts_taps"  # this call's override taps, in a copy of transformer_options
 
 
 class ConditioningMismatchError(RuntimeError):
@@ -28,15 +33,103 @@ class ConditioningMismatchError(RuntimeError):
 
 
 def model_family(model_patcher) -> str:
-    """SD1 / SD2 / SDXL from the model's ComfyUI config class (subclasses such as SSD1B count as their base)."""
-    for cls in type(model_patcher.model.model_config).__mro__:
-        if cls.__name__ in _FAMILIES:
-            return _FAMILIES[cls.__name__]
-    return type(model_patcher.model.model_config).__name__
+    """The family key (SD1, SDXL, SD3, Flux, ...) of the model's ComfyUI config class (subclasses such as SSD1B
+    or FluxSchnell count as their base); the class name for a family the pack does not know."""
+    return comfy_family_key(type(model_patcher.model.model_config))
+
+
+def base_model_family(base_model) -> Family | None:
+    """The ``Family`` of a ComfyUI ``BaseModel`` (what an APPLY_MODEL wrapper's executor holds), or None."""
+    return FAMILIES.get(comfy_family_key(type(base_model.model_config)))
 
 
 def model_sites(model_patcher):
-    return find_sites(model_patcher.model.diffusion_model)
+    """The residual sites of the model's diffusion model, as its family defines them."""
+    return find_sites(model_patcher.model.diffusion_model, FAMILIES.get(model_family(model_patcher)))
+
+
+class OverrideTap(Tap):
+    """A DiT's joint attention, seen through ComfyUI's ``optimized_attention_override``.
+
+    ComfyUI 0.3.64 passes no block index to the override on DiTs, so sites are counted: within one model call the
+    joint calls (q over at least text + image tokens) come in block order (SD3: joint blocks; Flux: double, then
+    single blocks), one per site; MMDiT-X's image-only self-attention calls are shorter and skipped. Make one tap
+    per model call.
+    """
+
+    def __init__(self, text_tokens: int, image_tokens: int):
+        super().__init__()
+        self.text, self.image = text_tokens, image_tokens
+        self.count = 0
+
+    def observe(self, args: tuple, kwargs: dict) -> None:
+        q, k = args[0], args[1]
+        head_major = bool(kwargs.get("skip_reshape"))
+        length = q.shape[2] if head_major else q.shape[1]
+        if length < self.text + self.image:
+            return
+        site = self.count
+        self.count += 1
+        if self.wanted():
+            heads = args[3] if len(args) > 3 else kwargs["heads"]
+            self.emit(AttentionEvent(site, q, k, int(heads), head_major, (self.text, self.image), (0, self.text)))
+
+
+def _tap_override(previous):
+    """The override that shows each attention call to this call's taps, then runs the override set before it
+    (another node's or pack's) or the attention function itself."""
+    def override(func, *args, **kwargs):
+        for tap in (kwargs.get("transformer_options") or {}).get(TAPS, ()):
+            tap.observe(args, kwargs)
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+    override.concepts_tap = True
+    return override
+
+
+def call_tap(fam: Family | None, sites, x: torch.Tensor, context: torch.Tensor, transformer_options: dict):
+    """(tap, transformer_options for the call) for one model call: a UNet's own ``attn2`` hooks, or for a DiT an
+    ``OverrideTap`` added to a copy of the options (the override chained to whatever override was set)."""
+    if fam is None or fam.architecture == "unet":
+        return UNetTap(sites), transformer_options
+    tap = OverrideTap(int(context.shape[1]), fam.image_tokens(tuple(x.shape[-2:])))
+    opts = transformer_options.copy()
+    opts[TAPS] = tuple(opts.get(TAPS, ())) + (tap,)
+    if not getattr(opts.get(OVERRIDE), "concepts_tap", False):
+        opts[OVERRIDE] = _tap_override(opts.get(OVERRIDE))
+    return tap, opts
+
+
+def attached(tap: Tap):
+    """The tap's hooks for a ``with`` block (an override tap needs none)."""
+    return tap if isinstance(tap, UNetTap) else contextlib.nullcontext(tap)
+
+
+class _Sites:
+    """Sites per diffusion model, found once."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def __call__(self, base_model):
+        dm = base_model.diffusion_model
+        key = id(dm)
+        if key not in self._cache:
+            fam = base_model_family(base_model)
+            self._cache[key] = (fam, find_sites(dm, fam))
+        return self._cache[key]
+
+
+def in_sigma_range(transformer_options: dict, sigma_range: tuple[float, float]) -> bool:
+    """Whether the call's sigma lies in (start, end); the full range is decided without reading the sigma (that
+    waits for the GPU)."""
+    if sigma_range[0] == float("inf") and sigma_range[1] <= 0.0:
+        return True
+    if "sigmas" not in transformer_options:
+        return True
+    sigma = float(transformer_options["sigmas"].max())
+    return sigma_range[1] <= sigma <= sigma_range[0]
 
 
 def lora_state_dict(rs: ResidualSet, block_strengths: dict[str, float] | None = None):
@@ -85,39 +178,70 @@ def trainable_clone(model_patcher):
     return m
 
 
+def _flat(chunks) -> list[int]:
+    return [t[0] if isinstance(t[0], int) else -1 for chunk in chunks for t in chunk]
+
+
+def sequence_keys(tokens: dict) -> list[str]:
+    """The tokenizers whose tokens run along the conditioning's sequence, in order: CLIP's (``l`` carries the
+    positions of SDXL's and SD3's ``g`` too) then T5's (SD3 appends it; Flux and Chroma have only T5)."""
+    clip_key = "l" if "l" in tokens else next((k for k in tokens if k != "t5xxl"), None)
+    keys = [clip_key] if clip_key is not None else []
+    if "t5xxl" in tokens and ("l" not in tokens or "g" in tokens):  # Flux's CLIP-L only gives the pooled vector
+        keys.append("t5xxl")
+    return keys
+
+
 def prompt_token_ids(clip, text: str) -> list[int]:
-    """Token ids of ``text`` as ComfyUI lays them out in the conditioning (all 77-token chunks, flattened)."""
+    """Token ids of ``text`` as ComfyUI lays them out in the conditioning's sequence (every 77-token CLIP chunk,
+    then T5's tokens where the family appends them)."""
     tokens = clip.tokenize(text)
-    key = "l" if "l" in tokens else next(iter(tokens))
-    return [t[0] if isinstance(t[0], int) else -1 for chunk in tokens[key] for t in chunk]
+    return [i for key in sequence_keys(tokens) for i in _flat(tokens[key])]
 
 
-def word_token_ids(clip, word: str) -> list[int]:
-    """The ids of ``word`` without start/end/padding tokens."""
-    empty = prompt_token_ids(clip, "")
-    end = empty[1]
-    ids = prompt_token_ids(clip, word)[1:]
+def _word_ids(clip, word: str, key: str) -> list[int]:
+    """The ids of ``word`` in one tokenizer, without start, end or padding tokens."""
+    empty, ids = _flat(clip.tokenize("")[key]), _flat(clip.tokenize(word)[key])
+    start = 1 if empty and ids and empty[0] == ids[0] and len(empty) > 1 and empty[1] != ids[1] else 0
+    end = empty[start] if start < len(empty) else None
+    ids = ids[start:]
     return ids[:ids.index(end)] if end in ids else ids
 
 
-def concept_positions(clip, text: str, words: list[str]) -> list[int]:
-    return word_positions(prompt_token_ids(clip, text), {w: word_token_ids(clip, w) for w in words if w}, text)
+def word_token_ids(clip, word: str) -> list[int]:
+    """The ids of ``word`` in the conditioning's first tokenizer (CLIP, or T5 where there is no CLIP sequence)."""
+    return _word_ids(clip, word, sequence_keys(clip.tokenize(word))[0])
+
+
+def concept_positions(clip, text: str, words: list[str], context_length: int | None = None) -> list[int]:
+    """Sequence positions of every sub-token of ``words`` in the encoded ``text``: in each tokenizer's part of the
+    sequence (SD3: CLIP's and T5's, both summed). ``context_length`` (the encoded prompt's length) leaves out a
+    part the text encoder did not produce (SD3 loaded without T5)."""
+    tokens = clip.tokenize(text)
+    positions, offset = [], 0
+    for key in sequence_keys(tokens):
+        ids = _flat(tokens[key])
+        if context_length is not None and offset >= context_length:
+            break
+        words_ids = {w: _word_ids(clip, w, key) for w in words if w}
+        positions += [offset + p for p in word_positions(ids, words_ids, text, key)]
+        offset += len(ids)
+    return positions
 
 
 def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Tensor, strength: float = 1.0,
                 block_strengths: dict[str, float] | None = None, rule: str = "median",
                 sigma_range: tuple[float, float] = (float("inf"), 0.0)):
-    """A DIFFUSION_MODEL wrapper applying ``rs`` with LAG for each UNet call.
+    """An APPLY_MODEL wrapper applying ``rs`` with LAG in each model call, on any family.
 
     Conditional chunks whose context starts with ``reference_cond`` [L, D] (the prompt the token positions
-    belong to) compute masks; unconditional chunks borrow them (see core.localize). Outside ``sigma_range``
+    belong to) compute masks; unconditional chunks borrow them (``core.hooks.plan``). Outside ``sigma_range``
     (start sigma, end sigma) the call runs the base model.
     """
     placed: dict = {}
-    constants: dict = {}  # Delta W and token indicators per device, made on first use (see ResidualGate)
-    sites_cache: dict = {}
-    matched: dict = {}  # cond uuid -> whether its context is the reference prompt (checked once per run)
-    full_range = sigma_range[0] == float("inf") and sigma_range[1] <= 0.0
+    constants: dict = {}  # Delta W and token indicators per device, made on first use (see LowRankGate)
+    sites_of = _Sites()
+    matcher = PromptMatcher(reference_cond)
 
     def on_device(device):
         if device not in placed:
@@ -125,39 +249,22 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
             placed[device] = ResidualSet(layers, rs.metadata)
         return placed[device]
 
-    def is_reference(context, row, uuid):
-        if uuid is None:
-            return same_prompt(context[row], reference_cond)
-        if uuid not in matched:
-            if len(matched) > 4096:  # a long-lived server: forget old runs
-                matched.clear()
-            matched[uuid] = same_prompt(context[row], reference_cond)
-        return matched[uuid]
-
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        unet = executor.class_obj
-        sites = sites_cache.get(id(unet))
-        if sites is None:
-            sites = sites_cache[id(unet)] = find_sites(unet)
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        fam, sites = sites_of(executor.class_obj)
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
-        uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
-        active = True
-        if not full_range and "sigmas" in transformer_options:  # reading sigma waits for the GPU: only if needed
-            sigma = float(transformer_options["sigmas"].max())
-            active = sigma_range[1] <= sigma <= sigma_range[0]
-        size = x.shape[0] // len(cond_or_uncond)
-        per_chunk = [token_idx if kind == 0 and is_reference(context, c * size, uuids[c]) else None
-                     for c, kind in enumerate(cond_or_uncond)]
-        if active and 0 in cond_or_uncond and not any(per_chunk):
+        active = in_sigma_range(transformer_options, sigma_range)
+        matches = matcher.matches(c_crossattn, cond_or_uncond, transformer_options.get("uuids"))
+        if active and 0 in cond_or_uncond and not any(matches):
             raise ConditioningMismatchError(
                 "Apply Residuals Localized: the sampler's positive conditioning is not the prompt this node "
                 "encoded, so the concept's tokens cannot be found. Connect the node's 'positive' output to the "
                 "sampler's positive input (and edit the prompt in the node).")
-        gate = ResidualGate(sites, on_device(x.device), strength, block_strengths, localized=True, rule=rule,
-                            cache=constants)
-        gate.plan = cfg_plan(x.shape[0], cond_or_uncond, per_chunk, active)
-        with gate:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        tap, opts = call_tap(fam, sites, x, c_crossattn, transformer_options)
+        gate = LowRankGate(sites, on_device(x.device), strength, block_strengths, localized=True, rule=rule,
+                           cache=constants, tap=tap)
+        gate.plan = plan_batch(x.shape[0], cond_or_uncond, matches, token_idx, active)
+        with attached(tap), gate:
+            return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
 
     return wrapper
 
@@ -165,22 +272,19 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
 def apply_localized(model_patcher, wrapper):
     """A clone carrying the LAG wrapper; wrappers of other nodes (and earlier LAG nodes) stay in place."""
     m = model_patcher.clone()
-    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    m.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, wrapper)
     return m
 
 
-OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-
-
 def record_wrappers(record):
-    """(OUTER_SAMPLE wrapper, DIFFUSION_MODEL wrapper) that record every sampling run's cross-attention.
+    """(OUTER_SAMPLE wrapper, APPLY_MODEL wrapper) that record every sampling run's text->image attention.
 
     The outer wrapper starts a fresh record per sampling run; the model wrapper records the conditional chunks of
-    each UNet call into the step bin of the call's sigma.
+    each model call into the step bin of the call's sigma.
     """
     from ..heatmaps import AttentionRecorder, step_bin, step_fraction
 
-    sites_cache: dict = {}
+    sites_of = _Sites()
     sources: dict = {}  # cond uuid -> source index, per run
 
     def outer(executor, *args, **kwargs):
@@ -188,11 +292,8 @@ def record_wrappers(record):
         sources.clear()
         return executor(*args, **kwargs)
 
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        unet = executor.class_obj
-        sites = sites_cache.get(id(unet))
-        if sites is None:
-            sites = sites_cache[id(unet)] = find_sites(unet)
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        fam, sites = sites_of(executor.class_obj)
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
         uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
         size = x.shape[0] // len(cond_or_uncond)
@@ -204,28 +305,29 @@ def record_wrappers(record):
             key = uuids[c]
             src = sources.get(key) if key is not None else None
             if src is None:
-                src = record.source_of(context[c * size])
+                src = record.source_of(c_crossattn[c * size])
                 if key is not None:
                     sources[key] = src
             if src is not None:
                 rows[src] = rows.get(src, ()) + tuple(range(c * size, (c + 1) * size))
-        recorder = AttentionRecorder(sites, record)
+        tap, opts = call_tap(fam, sites, x, c_crossattn, transformer_options)
+        recorder = AttentionRecorder(tap, record)
         recorder.rows = rows
         if "sigmas" in transformer_options and "sample_sigmas" in transformer_options:
             frac = step_fraction(float(transformer_options["sigmas"].max()), transformer_options["sample_sigmas"])
             recorder.bin = step_bin(frac, record.bins)
-        with recorder:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        with attached(tap), recorder:
+            return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
 
     return outer, wrapper
 
 
 def apply_recording(model_patcher, record):
-    """A clone that records cross-attention into ``record`` during any sampler run."""
+    """A clone that records text->image attention into ``record`` during any sampler run."""
     outer, wrapper = record_wrappers(record)
     m = model_patcher.clone()
     m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY + "-record", outer)
-    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY + "-record", wrapper)
+    m.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY + "-record", wrapper)
     return m
 
 
@@ -236,20 +338,20 @@ def model_modules(model_patcher) -> dict:
 
 
 def regions_wrappers(regions, reference_cond: torch.Tensor | None, rule: str = "argmax", mask_rule: str = "median"):
-    """(OUTER_SAMPLE, DIFFUSION_MODEL) wrappers applying ``regions`` (core.regions) in every UNet call of a run.
+    """(OUTER_SAMPLE, APPLY_MODEL) wrappers applying ``regions`` (core.regions) in every UNet call of a run.
 
     One RegionGate per sampling run (it carries the last call's masks to the next call); conditional chunks
     whose context starts with ``reference_cond`` compute attention masks, the others borrow them.
     """
-    from ..regions import Region, RegionGate, plan_rows
+    from ..regions import Region, RegionGate
 
     state: dict = {}
-    matched: dict = {}
+    matcher = PromptMatcher(reference_cond)
     needs_prompt = any(r.tokens for r in regions)
 
     def outer(executor, *args, **kwargs):
         state.clear()
-        matched.clear()
+        matcher.reset()
         return executor(*args, **kwargs)
 
     def gate_for(unet, device):
@@ -270,35 +372,23 @@ def regions_wrappers(regions, reference_cond: torch.Tensor | None, rule: str = "
                     log.warning("region '%s': its %dx%d mask is stretched to the %dx%d latent (another aspect "
                                 "ratio); draw the mask on an image of the output's size", r.name, mw, mh, hw[1], hw[0])
 
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        gate = gate_for(executor.class_obj, x.device)
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        gate = gate_for(executor.class_obj.diffusion_model, x.device)
         gate.set_latent_hw(tuple(x.shape[-2:]))
         note_aspect(tuple(x.shape[-2:]))
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
         rows, borrow = (), ()
         if needs_prompt:
-            uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
-            size = x.shape[0] // len(cond_or_uncond)
-            chunks = []
-            for c, kind in enumerate(cond_or_uncond):
-                key = uuids[c]
-                if kind != 0:
-                    chunks.append(False)
-                elif key is not None and key in matched:
-                    chunks.append(matched[key])
-                else:
-                    hit = same_prompt(context[c * size], reference_cond)
-                    if key is not None:
-                        matched[key] = hit
-                    chunks.append(hit)
-            if 0 in cond_or_uncond and not any(chunks):
+            matches = matcher.matches(c_crossattn, cond_or_uncond, transformer_options.get("uuids"))
+            if 0 in cond_or_uncond and not any(matches):
                 raise ConditioningMismatchError(
                     "Apply Regions: the sampler's positive conditioning is not the prompt this node encoded, so the "
                     "regions' words cannot be found. Connect the node's 'positive' output to the sampler.")
-            rows, borrow = plan_rows(x.shape[0], cond_or_uncond, chunks)
+            plan = plan_batch(x.shape[0], cond_or_uncond, matches)
+            rows, borrow = plan.rows, plan.borrow
         gate.begin_call(rows, borrow)
         with gate:
-            out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         gate.check_text_side()
         return out
 
@@ -318,5 +408,5 @@ def apply_regions(model_patcher, regions, reference_cond, rule="argmax", mask_ru
     outer, wrapper = regions_wrappers(regions, reference_cond, rule, mask_rule)
     m = model_patcher.clone()
     m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY + "-regions", outer)
-    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY + "-regions", wrapper)
+    m.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY + "-regions", wrapper)
     return m

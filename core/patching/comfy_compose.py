@@ -4,8 +4,8 @@ Duck-typed, never imports comfy: the nodes hand in ComfyUI's own pieces (the att
 ``model_sampling``) where one is needed.
 
 - Custom Diffusion: K/V residuals are forward hooks on ``attn2.to_k``/``attn2.to_v`` while training
-  (``KVResidualHooks``); the closed-form merge is a low-rank factorisation of the merged ΔW (``merge_lowrank``),
-  applied as ordinary LoRA weight patches on a clone;
+  (``kv_residuals``: the pack's one low-rank gate); the closed-form merge is a low-rank factorisation of the
+  merged ΔW (``merge_lowrank``), applied as ordinary LoRA weight patches on a clone;
 - FreeCustom: a DIFFUSION_MODEL wrapper runs the references through the UNet at the call's sigma first (a
   separate pass, marked unconditional), keeping their self-attention keys/values, then runs the real batch with
   an ``optimized_attention_override`` that concatenates them into each chosen self-attention of the conditional
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..compose import merge_projector, mrsa_attention, nms_attention
-from ..residuals import LowRank, ResidualSet, residual_forward
+from ..hooks.gate import LowRankGate
+from ..residuals import LowRank, ResidualSet
 from ..tokens import same_prompt
 from .comfy import DIFFUSION_MODEL, OUTER_SAMPLE
 
@@ -37,31 +38,10 @@ OVERRIDE = "optimized_attention_override"
 
 
 # ------------------------------------------------------------------------------------------ Custom Diffusion
-class KVResidualHooks:
-    """Forward hooks adding ``ΔW x`` (``rs.layers[name]``, low-rank, differentiable) to the output of each named
-    linear layer (``{name: module}``, e.g. every ``attn2.to_k``/``to_v``) while the ``with`` block lasts."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], rs: ResidualSet, strength: float = 1.0):
-        missing = [n for n in rs.layers if n not in modules]
-        if missing:
-            raise ValueError(f"no layer named {missing[0]} in this model ({len(missing)} missing)")
-        self.modules, self.rs, self.strength = modules, rs, strength
-        self._handles: list = []
-
-    def __enter__(self):
-        for name, layer in self.rs.layers.items():
-            self._handles.append(self.modules[name].register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, layer: LowRank):
-        def hook(module, inputs, output):
-            return output + self.strength * residual_forward(layer, inputs[0]).to(output.dtype)
-        return hook
+def kv_residuals(modules: dict[str, torch.nn.Module], rs: ResidualSet, strength: float = 1.0) -> LowRankGate:
+    """The gate adding ``strength * ΔW x`` (``rs.layers[name]``, low-rank, differentiable while training) to each
+    named linear layer (``{name: module}``, e.g. every ``attn2.to_k``/``to_v``) while its ``with`` block lasts."""
+    return LowRankGate([], rs, strength, modules=modules)
 
 
 def init_kv_residuals(layers: Sequence[tuple[str, int, int]], rank: int, seed: int = 0, device="cpu",

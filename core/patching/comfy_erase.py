@@ -15,12 +15,13 @@ import functools
 import torch
 
 from ..erase import KV_SUFFIXES, cross_attention_projections
+from ..hooks.gate import LowRankGate
+from ..hooks.plan import BatchPlan
 from ..layouts import find_sites
-from ..localize import CallPlan, ResidualGate
 from ..residuals import ResidualSet, init_residuals
 from ..steering import preserve_gate, prompt_gate, sld_gamma, sld_momentum, steer_denoised
 from .comfy import DIFFUSION_MODEL, prompt_token_ids
-from .comfy_compose import KVResidualHooks, init_kv_residuals
+from .comfy_compose import init_kv_residuals, kv_residuals
 
 SLIDER_WRAPPER_KEY = "comfyui-concepts-slider"
 
@@ -157,10 +158,10 @@ def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         sites = find_sites(executor.class_obj)
         if kv:
-            patch = KVResidualHooks(dict(cross_attention_projections(sites)), on_device(x.device), strength)
+            patch = kv_residuals(dict(cross_attention_projections(sites)), on_device(x.device), strength)
         else:
-            patch = ResidualGate(sites, on_device(x.device), strength, cache=constants)
-            patch.plan = CallPlan(active=True)
+            patch = LowRankGate(sites, on_device(x.device), strength, cache=constants)
+            patch.plan = BatchPlan(active=True)
         with patch:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     return wrapper
@@ -171,28 +172,24 @@ GUIDED_LAYERS = ("proj_out", "cross_attention_kv")
 
 def guided_residuals(sites, layers: str, rank: int, seed: int = 0, device="cpu", metadata: dict | None = None):
     """(residual set, patch, ``switch(on)``) for training a slider / ESD on ``sites`` (ComfyUI's or diffusers'):
-    ``proj_out`` (each transformer's output, applied by ``ResidualGate``) or ``cross_attention_kv`` (every attn2
-    K/V projection, ESD-x, applied by ``KVResidualHooks``). Both start at zero; the patch is entered by the caller."""
+    ``proj_out`` (each transformer's output, applied by ``LowRankGate``) or ``cross_attention_kv`` (every attn2
+    K/V projection, ESD-x, applied by ``kv_residuals``). Both start at zero; the patch is entered by the caller."""
     if layers == "cross_attention_kv":
         modules = dict(cross_attention_projections(sites))
         shapes = [(name, m.weight.shape[1], m.weight.shape[0]) for name, m in modules.items()]
         rs = init_kv_residuals(shapes, rank, seed=seed, device=device, metadata=metadata)
-        hooks = KVResidualHooks(modules, rs)
-        return rs, hooks, functools.partial(_set_strength, hooks)
+        hooks = kv_residuals(modules, rs)
+        return rs, hooks, functools.partial(_set_plan, hooks)
     if layers == "proj_out":
         rs = init_residuals([s for s, _ in sites], fixed_rank=rank, seed=seed, init_scale=0.0, device=device,
                             metadata=metadata)
-        gate = ResidualGate(sites, rs)
+        gate = LowRankGate(sites, rs)
         return rs, gate, functools.partial(_set_plan, gate)
     raise ValueError(f"unknown layers {layers!r}; use one of {GUIDED_LAYERS}")
 
 
-def _set_strength(hooks: KVResidualHooks, on: bool) -> None:
-    hooks.strength = float(on)
-
-
-def _set_plan(gate: ResidualGate, on: bool) -> None:
-    gate.plan = CallPlan(active=on)
+def _set_plan(gate: LowRankGate, on: bool) -> None:
+    gate.plan = BatchPlan(active=on)
 
 
 def is_kv_set(rs: ResidualSet) -> bool:

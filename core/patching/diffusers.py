@@ -7,8 +7,9 @@ from .. import residuals as R
 from .. import training
 from ..extract import DEFAULT_SENTENCE
 from ..heatmaps import step_bin
+from ..hooks.gate import LowRankGate
+from ..hooks.plan import cfg_plan
 from ..layouts import diffusers_to_ldm_namer, family_from_config, find_sites
-from ..localize import ResidualGate, cfg_plan
 from ..tokens import find_subsequence, word_positions
 
 
@@ -84,7 +85,7 @@ def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, cl
     def predict(x_t, t, ctx):
         return unet(x_t.to(unet.dtype), t, encoder_hidden_states=ctx).sample
 
-    with ResidualGate(sites, rs):
+    with LowRankGate(sites, rs):
         losses = training.train(rs.parameters(), predict, latents, context, ac, prediction, lat_masks, config,
                                 progress)
     return rs.detached(), losses
@@ -92,7 +93,7 @@ def train_residuals(unet, vae, tokenizer, text_encoder, images: torch.Tensor, cl
 
 @torch.no_grad()
 def sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latent_shape, steps: int = 20,
-           guidance: float = 7.0, seed: int = 0, gate: ResidualGate | None = None, token_idx=None,
+           guidance: float = 7.0, seed: int = 0, gate: LowRankGate | None = None, token_idx=None,
            recorder=None):
     """Classifier-free-guided sampling; with ``gate`` installed, every UNet call gets a CFG plan for LAG; with
     ``recorder`` (an installed ``core.heatmaps.AttentionRecorder``) the conditional rows' maps are recorded."""
@@ -216,7 +217,7 @@ def extract_concepts(unet, vae, tokenizer, text_encoder, image: torch.Tensor, ma
         scores = [handle_search_losses(predict, latents, lat_masks[:, i:i + 1], contexts_i[i], positions_i[i], rows,
                                        ac, prediction) for i in range(len(tokens))]
         chosen = [start_phrases[j] for j in start_handles(handles, rows, scores)]
-    gate = ResidualGate(sites, rs) if rs is not None else None
+    gate = LowRankGate(sites, rs) if rs is not None else None
     try:
         if gate is not None:
             gate.install()

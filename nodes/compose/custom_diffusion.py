@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import io, ui
 from ...core import residuals as R
 from ...core import training
 from ...core.patching.comfy import apply_global, concept_positions, model_family, prompt_token_ids
-from ...core.patching.comfy_compose import KVResidualHooks, init_kv_residuals, merge_lowrank
+from ...core.patching.comfy_compose import init_kv_residuals, kv_residuals, merge_lowrank
 from ...core.plots import line_plot
 from .._support import (
     CATEGORY,
@@ -119,7 +119,7 @@ class TrainCustomDiffusion(io.ComfyNode):
             modules = kv_modules(mp)
             shapes = [(name, m.weight.shape[1], m.weight.shape[0]) for name, m in modules.items()]
             rs = init_kv_residuals(shapes, rank, seed=seed, device=device, metadata=meta)
-            with KVResidualHooks(modules, rs):
+            with kv_residuals(modules, rs):
                 losses = train_on_latents(mp, cond, latents, rs.parameters(), config, progress, lat_masks, seed=seed)
         rs = residuals_to_cpu(rs)
         if path:

@@ -7,8 +7,9 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ...core import compose as C
-from ...core.patching.comfy import concept_positions, model_sites, prompt_token_ids, same_prompt
+from ...core.patching.comfy import concept_positions, model_sites, prompt_token_ids
 from ...core.patching.comfy_compose import apply_nms, nms_patches, word_pool
+from ...core.tokens import same_prompt
 from .._support import CATEGORY, comma_list, encode_rows, log, sigma_range
 
 COMPOSE = f"{CATEGORY}/compose"
