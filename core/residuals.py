@@ -118,8 +118,8 @@ def init_residuals(sites: list[TransformerSite], ratio: float = DEFAULT_RANK_RAT
 
 
 def layout_signature(sites: list[TransformerSite]) -> str:
-    """JSON {target path: width} that a loaded file is checked against."""
-    return json.dumps({s.target: s.width for s in sites}, sort_keys=True)
+    """JSON {target path: input width} that a loaded file is checked against."""
+    return json.dumps({s.target: s.inputs for s in sites}, sort_keys=True)
 
 
 def residual_forward(layer: LowRank, x: torch.Tensor) -> torch.Tensor:
@@ -249,21 +249,23 @@ def check_compatible(rs: ResidualSet, family: str, sites: list[TransformerSite])
             f"this residual file was trained for {family_label(file_family)} ({file_family}) but the model is "
             f"{family_label(family)} ({family}); load a checkpoint of the file's family or train residuals "
             "for this model")
-    widths = {s.target: s.width for s in sites}
+    by_target = {s.target: s for s in sites}
+    layers = {s.layer for s in sites} | {"proj_out"}
     linear = {s.target: s.linear for s in sites}
     for path, layer in rs.layers.items():
-        if not path.endswith(".proj_out"):
+        if not any(path.endswith("." + name) for name in layers):
             raise ResidualFileError(
                 f"'{path}' is not a transformer block's output projection: this is an ordinary LoRA, not a "
                 "personalized-residual file; load it with LoraLoader")
-        if path not in widths:
+        if path not in by_target:
             raise ResidualFileError(
                 f"the residual file targets '{path}', which this {family_label(family)} model does not have: "
                 "the file was made for a model with another block layout")
-        if layer.down.shape[1] != widths[path] or layer.up.shape[0] != widths[path]:
+        site = by_target[path]
+        if layer.down.shape[1] != site.inputs or layer.up.shape[0] != site.width:
             raise ResidualFileError(
-                f"'{path}' is {widths[path]} channels wide in this model but {layer.up.shape[0]} in the file: "
-                "the file was made for a model with another layout")
+                f"'{path}' is {site.inputs}->{site.width} channels in this model but {layer.down.shape[1]}->"
+                f"{layer.up.shape[0]} in the file: the file was made for a model with another layout")
         if layer.conv == linear[path]:
             kinds = ("a 1x1 conv", "a linear layer")
             raise ResidualFileError(
@@ -294,7 +296,7 @@ def parse_block_strengths(text: str, paths) -> dict[str, float]:
         hits = [p for p in paths if p == name or p.startswith(name + ".") or p.startswith(name + "_")]
         if not hits:
             raise ValueError(f"block strength '{name}' matches no residual layer; layers are: "
-                             + ", ".join(sorted({p.rsplit('.proj_out', 1)[0] for p in paths})))
+                             + ", ".join(sorted({p.rsplit('.', 1)[0] for p in paths})))
         for p in hits:
             prev = out.get(p)
             if prev is None or len(name) >= prev[0]:

@@ -213,8 +213,9 @@ class GuidedModel:
 
     def __init__(self, model_wrap, extra_args: dict, latent: torch.Tensor):
         self.model_wrap, self.extra_args, self.latent = model_wrap, extra_args, latent
-        self.sigmas = model_wrap.inner_model.model_sampling.sigmas.float().to(latent.device)  # one per timestep
-        self.alphas_cumprod = 1.0 / (1.0 + self.sigmas ** 2)
+        ms = model_wrap.inner_model.model_sampling
+        self.sigmas = ms.sigmas.float().to(latent.device)  # one per timestep
+        self.alphas_cumprod, self.input_divisor = training_schedule(ms, self.sigmas)
 
     @property
     def model_options(self) -> dict:
@@ -229,6 +230,22 @@ class GuidedModel:
         (x0,) = comfy.samplers.calc_cond_batch(self.model_wrap.inner_model, [self.model_wrap.conds[cond_name]], x,
                                                sigma, self.model_options)
         return x0
+
+
+def training_schedule(model_sampling, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alphas_cumprod, input_divisor) per timestep: the training loop noises as x_t = sqrt(a) x0 + sqrt(1 - a)
+    noise, and ``x_t / input_divisor`` is what ComfyUI's model expects at that sigma.
+
+    The model's own ``noise_scaling`` gives its input as c_x x0 + c_n noise: c_x = 1, c_n = sigma for the UNet
+    families (eps, v), c_x = 1 - sigma, c_n = sigma for rectified flow (SD3, Flux). Matching the ratio gives
+    a = c_x^2 / (c_x^2 + c_n^2) and the input x_t * sqrt(c_x^2 + c_n^2)."""
+    ones, zeros = torch.ones_like(sigmas), torch.zeros_like(sigmas)
+    c_x = model_sampling.noise_scaling(sigmas, zeros, ones).float()
+    c_n = model_sampling.noise_scaling(sigmas, ones, zeros).float()
+    if bool((c_x == 1).all()):  # the UNet families: exactly the k-diffusion scaling x0 + sigma * noise
+        a = 1.0 / (1.0 + sigmas ** 2)
+        return a, a.sqrt()
+    return c_x ** 2 / (c_x ** 2 + c_n ** 2), (c_x ** 2 + c_n ** 2).rsqrt()
 
 
 class _CallInGuider(comfy.samplers.Sampler):
@@ -273,14 +290,14 @@ def train_on_latents(model, conds, latents: torch.Tensor, params, config: traini
 
         def predict(x_t, t, ctx):
             sigma = table[t]
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x = x_t / guided.input_divisor[t].view(-1, 1, 1, 1)
             if caption_of_view is None:
-                return guided.predict_x0(x_t / a.sqrt(), sigma)
+                return guided.predict_x0(x, sigma)
             keys = ctx[:, 0, 0].long()
             out = torch.empty_like(x_t)
             for k in keys.unique().tolist():  # one model call per caption in the batch
                 rows = (keys == k).nonzero().flatten()
-                out[rows] = guided.predict_x0_with(f"caption_{k}", x_t[rows] / a[rows].sqrt(), sigma[rows])
+                out[rows] = guided.predict_x0_with(f"caption_{k}", x[rows], sigma[rows])
             return out
 
         view_masks = masks.to(latent.device) if masks is not None else None

@@ -6,8 +6,8 @@ import re
 from comfy_api.v0_0_2 import io, ui
 
 from ..core.heatmaps import AttentionRecord, RecordError, overlay, word_maps
-from ..core.patching.comfy import apply_recording, prompt_token_ids, word_token_ids
-from ..core.tokens import find_subsequence, same_prompt
+from ..core.patching.comfy import apply_recording, concept_positions
+from ..core.tokens import TokenNotFoundError, same_prompt
 from ._support import CATEGORY
 
 Record = io.Custom("CONCEPT_ATTENTION_RECORD")
@@ -31,15 +31,18 @@ def prompt_words(text: str) -> list[str]:
     return [w for w in re.findall(r"[\w'-]+", text.lower())]
 
 
-def word_token_positions(clip, text: str, words: list[str]) -> list[list[int]]:
-    """Per word, the prompt positions of all its sub-tokens (every occurrence); a missing word lists the prompt's."""
-    ids = prompt_token_ids(clip, text)
+def word_token_positions(clip, text: str, words: list[str], context_length: int | None = None) -> list[list[int]]:
+    """Per word, the sequence positions of all its sub-tokens (every occurrence; SD3: in CLIP's and T5's parts);
+    a missing word lists the prompt's."""
     out = []
     for word in words:
-        hits = find_subsequence(ids, word_token_ids(clip, word))
-        if not hits:
-            raise ValueError(f"the word '{word}' is not in the prompt; its words are: {', '.join(prompt_words(text))}")
-        out.append(hits)
+        try:
+            out.append(concept_positions(clip, text, [word], context_length))
+        except TokenNotFoundError as e:
+            if "T5 splits" in str(e):
+                raise
+            raise ValueError(f"the word '{word}' is not in the prompt; its words are: "
+                             f"{', '.join(prompt_words(text))}") from None
     return out
 
 
@@ -110,8 +113,8 @@ class AttentionHeatmaps(io.ComfyNode):
         if not record.contexts:
             raise RecordError("nothing was recorded: connect Record Cross-Attention's model to the sampler that made "
                               "these images, and its record here")
-        positions = word_token_positions(clip, text, chosen)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0][0]
+        positions = word_token_positions(clip, text, chosen, cond.shape[0])
         source = next((i for i, ref in enumerate(record.contexts) if same_prompt(ref, cond[: ref.shape[0]])), None)
         if source is None:
             raise RecordError("the prompt typed here is not a positive prompt of the recorded run: paste the exact "

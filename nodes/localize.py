@@ -15,10 +15,11 @@ class ApplyResidualsLocalized(io.ComfyNode):
             node_id="ConceptsApplyResidualsLocalized",
             display_name="Apply Residuals Localized (LAG)",
             category=f"{CATEGORY}/localize",
-            description="Applies residuals only where cross-attention finds the concept: in each transformer "
-                        "block, the maps of the token and the class word are summed and binarised at the median, "
-                        "and the residual is added there alone, in the same UNet pass. Encodes the prompt too: "
-                        "connect 'positive' to the sampler.",
+            description="Applies residuals only where attention finds the concept: in each transformer "
+                        "block, the maps of the token and the class word (their text->image attention; on SD3 and "
+                        "Flux the text part of joint attention) are summed and binarised at the median, and the "
+                        "residual is added there alone, in the same model pass. Encodes the prompt too: connect "
+                        "'positive' to the sampler.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the residuals were trained on."),
                 io.Clip.Input("clip", tooltip="The text encoder; the prompt below is encoded with it."),
@@ -59,8 +60,8 @@ class ApplyResidualsLocalized(io.ComfyNode):
         words = [w for w in (token, class_word) if w]
         if not words:
             raise ValueError("the residual file names no token or class word: fill in 'token' and 'class_word'")
-        positions = concept_positions(clip, text, words)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        positions = concept_positions(clip, text, words, context_length=positive[0][0].shape[1])
         ms = model.get_model_object("model_sampling")
         sigma_range = (float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent)))
         wrapper = lag_wrapper(residuals, positions, positive[0][0][0], strength,

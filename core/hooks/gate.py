@@ -74,6 +74,10 @@ class LowRankGate:
         self._last: dict[str, tuple[torch.Tensor, BatchPlan]] = {}  # masks of the last call, for ``last_masks``
         self.state = GateState()
         self._targets = self._resolve(modules)
+        if mask is not None and any(getattr(site, "tokens", "image") == "joint" for _, site, _ in
+                                    self._targets.values() if site is not None):
+            raise ValueError("a fixed mask cannot gate a layer whose rows are [text | image] tokens (Flux's single "
+                             "blocks): its text rows have no place in the mask; leave those layers out")
         self._own_tap = None
         self.tap = tap
         if localized and tap is None:

@@ -3,8 +3,8 @@
 ComfyUI (and our diffusers sampler) batch a model call as ``len(cond_or_uncond)`` equal chunks, 0 = conditional,
 1 = unconditional. Rows of a chunk whose prompt is the reference prompt compute their own attention maps; every
 other row borrows the maps of the same latent in the first such chunk (CFG: the unconditional half uses the
-conditional half's masks, so an all-ones gate is the global residual and an all-zeros gate the base model, for
-the guided result too). Rows with nothing to borrow get no gate.
+conditional half's masks, so an all-ones gate is the global residual on the image tokens and an all-zeros gate
+the base model, for the guided result too). Rows with nothing to borrow get no gate.
 """
 from __future__ import annotations
 
