@@ -5,7 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..core.masks import RULES
 from ..core.patching.comfy import apply_localized, concept_positions, lag_wrapper
-from ._support import CATEGORY, Residuals, checked_sites, strengths_for
+from ._support import CATEGORY, Residuals, checked_sites, sigma_range, strengths_for
 
 
 class ApplyResidualsLocalized(io.ComfyNode):
@@ -52,8 +52,6 @@ class ApplyResidualsLocalized(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, residuals, text, strength, start_percent, end_percent, mask_rule, token="",
                 class_word="", block_strengths=""):
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         checked_sites(model, residuals)
         token = (token or "").strip() or residuals.metadata.get("token", "")
         class_word = (class_word or "").strip() or residuals.metadata.get("class_word", "")
@@ -62,8 +60,7 @@ class ApplyResidualsLocalized(io.ComfyNode):
             raise ValueError("the residual file names no token or class word: fill in 'token' and 'class_word'")
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         positions = concept_positions(clip, text, words, context_length=positive[0][0].shape[1])
-        ms = model.get_model_object("model_sampling")
-        sigma_range = (float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent)))
         wrapper = lag_wrapper(residuals, positions, positive[0][0][0], strength,
-                              strengths_for(block_strengths, residuals), mask_rule, sigma_range)
+                              strengths_for(block_strengths, residuals), mask_rule,
+                              sigma_range(model, start_percent, end_percent))
         return io.NodeOutput(apply_localized(model, wrapper), positive)
