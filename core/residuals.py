@@ -166,8 +166,8 @@ def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
         conv = down.dim() == 4
         layers[path] = LowRank(down.flatten(1), up.flatten(1), alpha, conv)
     if not layers:
-        raise ResidualFileError("no 'diffusion_model.*.lora_down.weight' keys: this is not a residual/LoRA file "
-                                "for a UNet")
+        raise ResidualFileError("no 'diffusion_model.*.lora_down.weight' keys: this is not a residual file this "
+                                "pack saved")
     return ResidualSet(layers, dict(metadata or {}))
 
 
@@ -214,8 +214,23 @@ def check_residual_keys(sd: dict[str, torch.Tensor], meta: dict[str, str], path:
     if meta.get("technique") == "concept-set":
         raise broken(path, kind, "holds concept handles without residuals (its metadata says technique "
                                  "'concept-set')", "load it with Load Concepts")
-    raise broken(path, kind, "has no 'diffusion_model.*.lora_down.weight' keys: it is not a residual or LoRA file "
-                             "for a UNet", "apply an ordinary LoRA with LoraLoader, or pick a file this pack saved")
+    raise broken(path, kind, "has no 'diffusion_model.*.lora_down.weight' keys" + _key_format(sd) + ": it is not "
+                             "a file this pack saved", "apply it with LoraLoader / LoraLoaderModelOnly (ComfyUI reads "
+                             "that format), or pick a file this pack saved")
+
+
+_KEY_FORMATS = (("lora_unet_", "kohya's 'lora_unet_…'"), ("transformer.", "diffusers/PEFT 'transformer.…'"),
+                ("lora_transformer_", "OneTrainer's 'lora_transformer_…'"), ("base_model.model.", "PEFT's "
+                "'base_model.model.…'"), ("lycoris_", "LyCORIS 'lycoris_…'"), ("unet.", "diffusers' 'unet.…'"))
+
+
+def _key_format(sd: dict) -> str:
+    """', its keys are in <format> form' for a LoRA key format the pack recognises, else ''."""
+    key = next(iter(sd), "")
+    for prefix, name in _KEY_FORMATS:
+        if key.startswith(prefix):
+            return f" (its keys are in {name} form, e.g. '{key}')"
+    return f" (e.g. '{key}')" if key else ""
 
 
 def check_rank_metadata(rs: ResidualSet, path: str, kind: str) -> None:

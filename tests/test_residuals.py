@@ -127,3 +127,18 @@ def test_saved_files_get_the_umask_mode_not_owner_only(sd1_unet, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temporary file left behind
+
+
+def test_a_flux_lora_in_kohya_keys_is_refused_naming_the_file_its_format_and_the_stock_loader(tmp_path):
+    from safetensors.torch import save_file
+
+    from core.file_checks import BrokenFileError
+
+    path = tmp_path / "flux_style.safetensors"
+    stem = "lora_unet_double_blocks_0_img_attn_proj"
+    save_file({f"{stem}.lora_down.weight": torch.randn(4, 64), f"{stem}.lora_up.weight": torch.randn(64, 4)},
+              str(path))
+    with pytest.raises(BrokenFileError) as err:
+        R.load(str(path))
+    message = str(err.value)
+    assert "flux_style.safetensors" in message and "kohya" in message and "LoraLoaderModelOnly" in message
