@@ -55,6 +55,23 @@ def token_mass(qh: torch.Tensor, kh: torch.Tensor, indicator: torch.Tensor,
     return out
 
 
+def token_mass_column(qh: torch.Tensor, kh: torch.Tensor, indicator: torch.Tensor,
+                      max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """``token_mass`` as a column, [B, N, 1], with a one-column ``indicator`` (``token_indicator(..., head_dim=1,
+    ...)``): the column broadcasts over a token-major layer's channels as it is, which saves LAG one reshape per
+    block."""
+    b, h, n, _ = qh.shape
+    values = indicator if indicator.shape[0] == b else indicator.expand(b, -1, -1, -1)
+    chunk = max(1, max_elements // max(1, b * h * kh.shape[2]))
+    if chunk >= n:
+        return F.scaled_dot_product_attention(qh, kh, values).sum(dim=1, dtype=torch.float32)
+    out = torch.empty(b, n, 1, device=qh.device, dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = F.scaled_dot_product_attention(qh[:, :, start:start + chunk], kh, values)
+        out[:, start:start + chunk] = part.sum(dim=1, dtype=torch.float32)
+    return out
+
+
 def all_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int,
                         max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
     """Head-averaged probabilities for every token: q [B, N, h*d], k [B, L, h*d] -> [B, N, L]; rows sum to 1."""

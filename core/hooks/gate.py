@@ -8,8 +8,10 @@ others borrow it (CFG), rows without one get the base model.
 
 Cost: LAG runs at every gated block of every step, so its work is counted in tensor operations (at 512 px a
 UNet step on a GPU is bound by how many small operations launch): two strided views for q and k, one fused
-attention against a token indicator, one reduction, median and compare, one reshape, the delta and one
-``addcmul`` — nine on a UNet block (``bench/bench_learn_localize.py --count-ops``).
+attention against a one-column token indicator, one reduction over heads (its column broadcasts over the layer's
+channels), median and compare, the delta (one matmul, two for wide layers) and one ``addcmul``: eight per block,
+one more for SD1's conv layout (a reshape) and for Flux's [text | image] rows (a pad)
+(``bench/bench_learn_localize.py --count-ops``).
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import token_indicator, token_mass
+from ..attention import token_indicator, token_mass_column
 from ..masks import binarize
 from ..residuals import LowRank, ResidualSet, residual_forward
 from .plan import BatchPlan
 from .tap import AttentionEvent, Tap, UNetTap
 
-FULL_DELTA_LIMIT = 1 << 22  # a layer with at most this many weights applies Delta W as one matrix (one operation)
+FULL_DELTA_LIMIT = 1 << 24  # a layer with at most this many weights applies Delta W as one matrix (one operation)
 
 
 class LocalizationError(RuntimeError):
@@ -106,7 +108,7 @@ class LowRankGate:
         concept rows' masks)."""
         out = {}
         for path, (mask, plan) in self._last.items():
-            m = mask.float()
+            m = mask.float().flatten(1)
             if plan.broadcast():
                 m = m.expand(plan.batch, -1)
             elif not plan.identity():
@@ -160,14 +162,15 @@ class LowRankGate:
         ind = self.cache.get(key)
         if ind is None:
             idx = torch.tensor(plan.tokens, dtype=torch.long, device=kh.device)
-            ind = self.cache[key] = token_indicator(idx, heads, length, dim, kh).expand(rows, -1, -1, -1)
-        maps = token_mass(qh, kh, ind)
+            ind = self.cache[key] = token_indicator(idx, heads, length, 1, kh).expand(rows, -1, -1, -1)
+        maps = token_mass_column(qh, kh, ind)  # [R, N, 1]
         prev = self.state.maps.get(ev.site)
         self.state.maps[ev.site] = maps if prev is None else prev + maps  # UNet depth > 1 (SDXL): sum the blocks
         self.state.image[ev.site] = ev.image
 
     def _attention_mask(self, index: int, site) -> torch.Tensor:
-        """[R, N] mask of the concept rows at a site: bool (median/mean rule) or float (soft rule, ``mask_fn``)."""
+        """[R, N, 1] mask of the concept rows at a site: bool (median/mean rule) or float (soft rule,
+        ``mask_fn``)."""
         maps = self.state.maps.pop(index, None)
         if maps is None:
             raise LocalizationError(
@@ -201,9 +204,13 @@ class LowRankGate:
     def _delta(self, path: str, layer: LowRank, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and layer.up.requires_grad:
             return residual_forward(layer, x)  # training: keep the low-rank factors in the graph
-        if layer.up.shape[0] * layer.down.shape[1] > FULL_DELTA_LIMIT:
-            return residual_forward(layer, x)  # a wide layer: two thin matmuls beat one dense one
         key = (path, x.dtype, x.device)
+        if layer.up.shape[0] * layer.down.shape[1] > FULL_DELTA_LIMIT:  # a wide layer: two thin matmuls beat one
+            factors = self.cache.get(key)
+            if factors is None:
+                factors = self.cache[key] = (layer.down.to(x.device, x.dtype),
+                                             (layer.up * layer.scale).to(x.device, x.dtype))
+            return F.linear(F.linear(x, factors[0]), factors[1])
         w = self.cache.get(key)
         if w is None:
             w = layer.delta().to(device=x.device, dtype=x.dtype)
@@ -232,16 +239,12 @@ class LowRankGate:
             if output.ndim == 4:  # [B, C, H, W] (a 1x1 conv proj_out)
                 mask = self._rows(mask.view(mask.shape[0], 1, *output.shape[2:]), output.shape[0])
                 return torch.addcmul(output, mask, self._delta(path, layer, x), value=weight)
-            mask = self._rows(mask.unsqueeze(-1), output.shape[0])
+            mask = self._rows(mask, output.shape[0])
             image = self.state.image.get(index)
             if joint and image is not None and (image[0] != 0 or image[1] != output.shape[1]):
-                # [txt | img] rows (Flux single blocks): text rows keep the base model
+                # [txt | img] rows (Flux single blocks): text rows get a zero gate, i.e. keep the base model
                 start, count = image
-                out = output.clone()
-                out[:, start:start + count] = torch.addcmul(
-                    output[:, start:start + count], mask, self._delta(path, layer, x[:, start:start + count]),
-                    value=weight)
-                return out
+                mask = F.pad(mask, (0, 0, start, output.shape[1] - start - count))
             return torch.addcmul(output, mask, self._delta(path, layer, x), value=weight)
         return hook
 
