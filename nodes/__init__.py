@@ -9,12 +9,13 @@ from .erase.leace import EraseFromConditioning
 from .erase.sliders import ApplySlider, TrainConceptSlider, TrainEsdEraser
 from .erase.steering import SteerAwayFromConcept
 from .extract import ApplyConcepts, ExtractMasks, LearnConcepts, LoadConcepts, SaveConcepts
-from .inspect import AttentionHeatmaps, RecordAttention
+from .inspect import AttentionHeatmaps, RecordAttention, RecordConceptAttention
 from .learn import ApplyResiduals, LoadResiduals, SaveResiduals, TrainPersonalizedResiduals
 from .localize import ApplyResidualsLocalized
 
 NODES = [TrainPersonalizedResiduals, LoadResiduals, SaveResiduals, ApplyResiduals, ApplyResidualsLocalized,
-         RecordAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts, SaveConcepts, LoadConcepts,
+         RecordAttention, RecordConceptAttention, AttentionHeatmaps, ExtractMasks, LearnConcepts, ApplyConcepts,
+         SaveConcepts, LoadConcepts,
          ConceptRegion, ApplyRegions, TrainConceptsTogether,
          EraseConceptClosedForm, EraseFromConditioning, SteerAwayFromConcept, TrainConceptSlider, TrainEsdEraser,
          ApplySlider,

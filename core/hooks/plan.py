@@ -72,6 +72,29 @@ def plan_batch(batch: int, cond_or_uncond: list[int], matches: list[bool], token
     return BatchPlan(batch, rows, borrow, tuple(tokens), active)
 
 
+def source_rows(source_of, sources: dict, context: torch.Tensor, cond_or_uncond: list[int],
+                uuids: list | None = None) -> dict[int, tuple[int, ...]]:
+    """{source: batch rows} of a call's conditional chunks, for recorders that keep one record per prompt:
+    ``source_of(context_row)`` names (or makes) the source of a prompt, remembered per conditioning uuid in
+    ``sources`` (reset it per sampling run); a prompt ``source_of`` has no room for is left out."""
+    n = len(cond_or_uncond)
+    uuids = list(uuids or [None] * n)
+    size = context.shape[0] // n
+    rows: dict[int, tuple[int, ...]] = {}
+    for c, kind in enumerate(cond_or_uncond):
+        if kind != 0:
+            continue
+        key = uuids[c]
+        src = sources.get(key) if key is not None else None
+        if src is None:
+            src = source_of(context[c * size])
+            if key is not None:
+                sources[key] = src
+        if src is not None:
+            rows[src] = rows.get(src, ()) + tuple(range(c * size, (c + 1) * size))
+    return rows
+
+
 def conditional_rows(batch: int, cond_or_uncond: list[int]) -> tuple[int, ...]:
     """Rows of the conditional chunks of a batch made of ``len(cond_or_uncond)`` equal chunks."""
     n = max(1, len(cond_or_uncond))

@@ -13,7 +13,7 @@ import torch
 
 from ..families import FAMILIES, Family, comfy_family_key, find_sites
 from ..hooks.gate import LowRankGate
-from ..hooks.plan import PromptMatcher, plan_batch
+from ..hooks.plan import PromptMatcher, plan_batch, source_rows
 from ..hooks.tap import AttentionEvent, Tap, UNetTap
 from ..residuals import ResidualSet, to_state_dict
 from ..tokens import word_positions
@@ -76,16 +76,31 @@ class OverrideTap(Tap):
 
 
 def _tap_override(previous):
-    """The override that shows each attention call to this call's taps, then runs the override set before it
-    (another node's or pack's) or the attention function itself."""
+    """The override that shows each attention call to this call's taps, runs the override set before it (another
+    node's or pack's) or the attention function itself, then shows the result to taps that read it
+    (``observe_output``: ConceptAttention reads the image tokens' attention output)."""
     def override(func, *args, **kwargs):
-        for tap in (kwargs.get("transformer_options") or {}).get(TAPS, ()):
+        taps = (kwargs.get("transformer_options") or {}).get(TAPS, ())
+        for tap in taps:
             tap.observe(args, kwargs)
-        if previous is not None:
-            return previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        for tap in taps:
+            after = getattr(tap, "observe_output", None)
+            if after is not None:
+                after(args, kwargs, out)
+        return out
     override.concepts_tap = True
     return override
+
+
+def with_override_tap(transformer_options: dict, tap) -> dict:
+    """A copy of a call's ``transformer_options`` in which ``tap`` (``observe(args, kwargs)``, optionally
+    ``observe_output(args, kwargs, out)``) sees every attention call, through the one chained override."""
+    opts = transformer_options.copy()
+    opts[TAPS] = tuple(opts.get(TAPS, ())) + (tap,)
+    if not getattr(opts.get(OVERRIDE), "concepts_tap", False):
+        opts[OVERRIDE] = _tap_override(opts.get(OVERRIDE))
+    return opts
 
 
 def call_tap(fam: Family | None, sites, x: torch.Tensor, context: torch.Tensor, transformer_options: dict):
@@ -94,11 +109,7 @@ def call_tap(fam: Family | None, sites, x: torch.Tensor, context: torch.Tensor, 
     if fam is None or fam.architecture == "unet":
         return UNetTap(sites), transformer_options
     tap = OverrideTap(int(context.shape[1]), fam.image_tokens(tuple(x.shape[-2:])))
-    opts = transformer_options.copy()
-    opts[TAPS] = tuple(opts.get(TAPS, ())) + (tap,)
-    if not getattr(opts.get(OVERRIDE), "concepts_tap", False):
-        opts[OVERRIDE] = _tap_override(opts.get(OVERRIDE))
-    return tap, opts
+    return tap, with_override_tap(transformer_options, tap)
 
 
 def attached(tap: Tap):
@@ -295,21 +306,8 @@ def record_wrappers(record):
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         fam, sites = sites_of(executor.class_obj)
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
-        uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
-        size = x.shape[0] // len(cond_or_uncond)
         record.latent_hw = tuple(x.shape[-2:])
-        rows = {}
-        for c, kind in enumerate(cond_or_uncond):
-            if kind != 0:
-                continue
-            key = uuids[c]
-            src = sources.get(key) if key is not None else None
-            if src is None:
-                src = record.source_of(c_crossattn[c * size])
-                if key is not None:
-                    sources[key] = src
-            if src is not None:
-                rows[src] = rows.get(src, ()) + tuple(range(c * size, (c + 1) * size))
+        rows = source_rows(record.source_of, sources, c_crossattn, cond_or_uncond, transformer_options.get("uuids"))
         tap, opts = call_tap(fam, sites, x, c_crossattn, transformer_options)
         recorder = AttentionRecorder(tap, record)
         recorder.rows = rows

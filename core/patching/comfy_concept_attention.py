@@ -6,10 +6,10 @@ Per model call an APPLY_MODEL wrapper puts, into its own copy of ``transformer_o
   to the patch already set for that key, if any). It prepares the concept tokens' q, k, v with the block's
   text-stream modules, runs the block unchanged, then advances the concept stream with the block's text-stream
   output projection and MLP;
-- an ``optimized_attention_override`` (chained to the previous one) that lets the joint attention run as before and
-  then, inside that block only, takes from it the image tokens' keys and values (after QK-norm and, on Flux, RoPE)
-  and their attention output, runs the concept queries over [concept keys; image keys] and adds the block's
-  saliency [rows, image tokens, concepts] to the record.
+- itself as a tap on the pack's one chained attention override (``core.patching.comfy.with_override_tap``): the
+  joint attention runs as before and then, inside that block only, the tap takes from it the image tokens' keys
+  and values (after QK-norm and, on Flux, RoPE) and their attention output, runs the concept queries over
+  [concept keys; image keys] and adds the block's saliency [rows, image tokens, concepts] to the record.
 
 The image never attends to the concepts and nothing the model computes is replaced, so the sampled latent is the
 one without recording, bit for bit. Only the conditional rows of each call (the prompts' images) are followed.
@@ -23,19 +23,19 @@ import torch
 from ..concept_attention import STREAMS, ConceptAttentionRecord, concept_attention, concept_saliency, heads_first
 from ..families import FAMILIES
 from ..heatmaps import step_bin, step_fraction
+from ..hooks.plan import source_rows
 from .comfy import (
     APPLY_MODEL,
     OUTER_SAMPLE,
-    OVERRIDE,
     WRAPPER_KEY,
     base_model_family,
     concept_positions,
     model_family,
+    with_override_tap,
 )
 
 log = logging.getLogger(__name__)
 
-STATES = "concepts_concept_attention"  # this call's concept streams, in a copy of transformer_options
 NEEDS_DIT = "concept attention needs a diffusion transformer (Flux, SD3)"
 
 
@@ -97,6 +97,13 @@ class _CallState:
             self._idx[device] = torch.tensor(self.rows, device=device)
         return self._idx[device]
 
+    def observe(self, args: tuple, kwargs: dict) -> None:
+        """Before an attention call: nothing to read (the stream needs the call's output)."""
+
+    def observe_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.on_attention(args, kwargs, out)
+
     def on_attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         """The joint attention of the pending block has run: concept attention over its image keys and values,
         and the block's saliency from its image attention output."""
@@ -155,37 +162,6 @@ class _CallState:
         return patch
 
 
-def _override(previous):
-    """The attention override: the attention runs as before (the override set before it, or the function), then
-    each concept stream waiting on this call reads it."""
-    def override(func, *args, **kwargs):
-        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-        for state in (kwargs.get("transformer_options") or {}).get(STATES, ()):
-            if state.pending is not None:
-                state.on_attention(args, kwargs, out)
-        return out
-    override.concepts_concept_attention = True
-    return override
-
-
-def _conditional_rows(record, sources: dict, c_crossattn, cond_or_uncond, uuids, batch: int):
-    """{source: batch rows} of the call's conditional chunks (a new prompt becomes a new source)."""
-    size = batch // len(cond_or_uncond)
-    rows: dict[int, tuple[int, ...]] = {}
-    for c, kind in enumerate(cond_or_uncond):
-        if kind != 0:
-            continue
-        key = uuids[c]
-        src = sources.get(key) if key is not None else None
-        if src is None:
-            src = record.source_of(c_crossattn[c * size])
-            if key is not None:
-                sources[key] = src
-        if src is not None:
-            rows[src] = rows.get(src, ()) + tuple(range(c * size, (c + 1) * size))
-    return rows
-
-
 def concept_record_wrappers(record: ConceptAttentionRecord, embeddings: torch.Tensor):
     """(OUTER_SAMPLE wrapper, APPLY_MODEL wrapper) that record every sampling run's concept saliency."""
     sources: dict = {}
@@ -201,9 +177,8 @@ def concept_record_wrappers(record: ConceptAttentionRecord, embeddings: torch.Te
         if fam is None or fam.key not in STREAMS:
             raise ConceptAttentionUnsupported(NEEDS_DIT)
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
-        uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
         record.latent_hw = tuple(x.shape[-2:])
-        rows = _conditional_rows(record, sources, c_crossattn, cond_or_uncond, uuids, x.shape[0])
+        rows = source_rows(record.source_of, sources, c_crossattn, cond_or_uncond, transformer_options.get("uuids"))
         if not rows:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         bin_ = 0
@@ -212,10 +187,7 @@ def concept_record_wrappers(record: ConceptAttentionRecord, embeddings: torch.Te
             bin_ = step_bin(frac, record.bins)
         state = _CallState(record, STREAMS[fam.key], embeddings, rows, int(c_crossattn.shape[1]),
                            fam.image_tokens(tuple(x.shape[-2:])), bin_)
-        opts = transformer_options.copy()
-        opts[STATES] = tuple(opts.get(STATES, ())) + (state,)
-        if not getattr(opts.get(OVERRIDE), "concepts_concept_attention", False):
-            opts[OVERRIDE] = _override(opts.get(OVERRIDE))
+        opts = with_override_tap(transformer_options, state)
         replace = dict(opts.get("patches_replace") or {})
         dit = dict(replace.get("dit") or {})
         for i in range(state.last + 1):
