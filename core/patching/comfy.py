@@ -171,20 +171,27 @@ def _fresh_weight(weight):
     return weight  # ComfyUI copies a weight that has a weight function: the copy is a normal autograd tensor
 
 
+CLONE_LIMIT = 1 << 24  # parameters larger than this are not copied for training (SD3's position table: added only)
+
+
 def trainable_clone(model_patcher):
-    """A clone whose UNet weights reach each forward as fresh copies.
+    """A clone whose weights reach each forward as normal tensors, so that autograd can save them.
 
     Checkpoints load under ``torch.inference_mode``; their weights cannot be saved for backward, which training
-    the residuals needs (gradients flow through every layer after the first proj_out). A weight function makes
-    ComfyUI's cast copy the weight inside the forward, where autograd accepts it; the loaded model is untouched.
+    the residuals needs (gradients flow through every layer after the first site). A weight function makes
+    ComfyUI's cast copy a cast layer's weight inside the forward, where autograd accepts it; the other parameters
+    (the norms' scales of SD3 and Flux: they are saved for backward too) are swapped for copies by object patches
+    that live as long as the clone's patches. The loaded model is untouched.
     """
     m = model_patcher.clone()
     for name, module in m.model.diffusion_model.named_modules():
-        if not hasattr(module, "weight_function"):
-            continue
-        for kind in ("weight", "bias"):
-            if getattr(module, kind, None) is not None:
+        cast = hasattr(module, "weight_function")
+        for kind, p in module.named_parameters(recurse=False):
+            if cast and kind in ("weight", "bias"):
                 m.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _fresh_weight)
+            elif p.is_inference() and p.numel() <= CLONE_LIMIT:
+                path = f"diffusion_model.{name}.{kind}" if name else f"diffusion_model.{kind}"
+                m.add_object_patch(path, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
     m.model.requires_grad_(False)
     return m
 
