@@ -36,6 +36,9 @@ class Family:
     blocks: tuple[BlockSites, ...] = ()  # DiTs: block kinds in the order the model runs them
     text_encoders: tuple[str, ...] = ("clip_l",)
     patch: int = 1  # DiTs: latent pixels per image token along each side
+    # ComfyUI block patches ("dit", kind) and their module lists whose blocks add into their inputs in place, which
+    # autograd refuses once those inputs were saved for backward: training runs them through ``training_blocks``
+    inplace_blocks: tuple[tuple[str, str], ...] = ()
     comfy_text_first: bool = True  # ComfyUI's joint sequence is [text | image]
     diffusers_text_first: bool = True  # diffusers' joint sequence order (SD3's processor puts image first)
 
@@ -53,13 +56,15 @@ _MMDIT = (BlockSites("joint_blocks", "x_block.attn.proj", "image", "transformer_
 _FLUX = (BlockSites("double_blocks", "img_attn.proj", "image", "transformer_blocks", "attn.to_out.0"),
          BlockSites("single_blocks", "linear2", "joint", "single_transformer_blocks", "proj_out"))
 
+_FLUX_INPLACE = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
+
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("SD1", "unet", ("SD15",)),
     Family("SD2", "unet", ("SD20",), text_encoders=("clip_h",)),
     Family("SDXL", "unet", ("SDXL",), text_encoders=("clip_l", "clip_g")),
     Family("SD3", "dit", ("SD3",), _MMDIT, ("clip_l", "clip_g", "t5xxl"), patch=2, diffusers_text_first=False),
-    Family("Flux", "dit", ("Flux",), _FLUX, ("t5xxl",), patch=2),
-    Family("Chroma", "dit", ("Chroma",), _FLUX, ("t5xxl",), patch=2),
+    Family("Flux", "dit", ("Flux",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE),
+    Family("Chroma", "dit", ("Chroma",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE),
 )}
 
 

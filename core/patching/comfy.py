@@ -192,8 +192,30 @@ def trainable_clone(model_patcher):
             elif p.is_inference() and p.numel() <= CLONE_LIMIT:
                 path = f"diffusion_model.{name}.{kind}" if name else f"diffusion_model.{kind}"
                 m.add_object_patch(path, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+    fam = FAMILIES.get(model_family(m))
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for kind, blocks in fam.inplace_blocks if fam else ():
+        for i in range(len(getattr(m.model.diffusion_model, blocks, ()))):
+            m.set_model_patch_replace(_trainable_block(existing.get((kind, i))), "dit", kind, i)
     m.model.requires_grad_(False)
     return m
+
+
+def _trainable_block(previous):
+    """A block patch under which tensors saved for backward that share storage with the block's inputs are saved
+    as copies: Flux's blocks add into their inputs in place (``x += ...``), which would change what autograd saved.
+    Chains to the patch set before for the same block."""
+    def patch(args, extra):
+        inputs = {t.untyped_storage().data_ptr() for t in args.values() if isinstance(t, torch.Tensor)}
+
+        def pack(t):
+            return t.clone() if t.untyped_storage().data_ptr() in inputs else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if previous is not None:
+                return previous(args, extra)
+            return extra["original_block"](args)
+    return patch
 
 
 def _flat(chunks) -> list[int]:

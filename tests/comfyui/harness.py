@@ -18,12 +18,31 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from .make_checkpoints import (  # standard library only at import time too
+    CLIP_L_NAME,
+    DIT_NAMES,
+    FLUX_NAME,
+    MODEL_FOLDER,
+    SD3_NAME,
+    T5XXL_NAME,
+    VAE16_NAME,
+)
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 PACK_DIR_NAME = "comfyui-concepts"
 MAKE_CHECKPOINTS = HERE / "make_checkpoints.py"
 SD15_CKPT = "tiny_sd15_random.safetensors"
 SDXL_CKPT = "tiny_sdxl_random.safetensors"
+# Diffusion transformers: SD3.5 as one checkpoint; Flux as diffusion model + CLIP-L + T5-XXL + VAE files.
+SD3_CKPT, FLUX_UNET, CLIP_L_TE, T5XXL_TE, VAE16 = SD3_NAME, FLUX_NAME, CLIP_L_NAME, T5XXL_NAME, VAE16_NAME
+DIT_FILES = DIT_NAMES
+MODEL_SUBFOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
+
+
+def model_folder(file_name):
+    """The models/ subfolder ComfyUI loads a test file from: checkpoints unless make_checkpoints says otherwise."""
+    return MODEL_FOLDER.get(Path(file_name).name, "checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
@@ -124,7 +143,9 @@ class ComfyServer:
     """One ComfyUI subprocess with its own base directory and port.
 
     Attributes: ``url``, ``base_dir`` (models/, custom_nodes/, input/, output/, temp/, user/), ``log_path``, ``port``,
-    ``proc``.  The pack is visible as ``custom_nodes/comfyui-concepts`` (a symlink to the repo root).
+    ``proc``.  The pack is visible as ``custom_nodes/comfyui-concepts`` (a symlink to the repo root).  Each file in
+    ``checkpoints`` is linked into the models/ folder its loader reads (``model_folder``: checkpoints/,
+    diffusion_models/, text_encoders/ or vae/).
     """
 
     def __init__(self, base_dir, checkpoints=(), port=None, extra_args=(), comfy_path=None, python=None,
@@ -139,13 +160,14 @@ class ComfyServer:
         self.client_id = str(uuid.uuid4())
         self.proc = None
         self.startup_s = None
-        for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output", "temp", "user"):
+        subs = [f"models/{m}" for m in MODEL_SUBFOLDERS] + ["custom_nodes", "input", "output", "temp", "user"]
+        for sub in subs:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         if link_pack:
             _symlink(REPO_ROOT, self.base_dir / "custom_nodes" / PACK_DIR_NAME)
         for ck in checkpoints:
             ck = Path(ck)
-            _symlink(ck.resolve(), self.base_dir / "models" / "checkpoints" / ck.name)
+            _symlink(ck.resolve(), self.base_dir / "models" / model_folder(ck.name) / ck.name)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @property

@@ -6,6 +6,8 @@ import copy
 import uuid
 from pathlib import Path
 
+from .make_checkpoints import CLIP_L_NAME, FLUX_NAME, SD3_NAME, T5XXL_NAME, VAE16_NAME
+
 CKPT, POSITIVE, NEGATIVE, EMPTY_LATENT, KSAMPLER, VAE_DECODE, SAVE_IMAGE, SAVE_LATENT = (
     "1", "2", "3", "4", "5", "6", "7", "8")
 
@@ -45,21 +47,43 @@ def insert_model_node(prompt, node_id, class_type, inputs, model_input="model", 
 
 WORKFLOWS = Path(__file__).resolve().parent.parent.parent / "workflows"
 
+# The diffusion-transformer workflows are named <technique>_<family>; TINY_DIT_MODELS points each family's loaders at
+# the random test files (make_checkpoints.DIT_NAMES) in place of the real models named in the workflow files.
+TINY_DIT_MODELS = {
+    "sd35": {"CheckpointLoaderSimple": {"ckpt_name": SD3_NAME}},
+    "flux": {"UNETLoader": {"unet_name": FLUX_NAME, "weight_dtype": "default"},
+             "DualCLIPLoader": {"clip_name1": CLIP_L_NAME, "clip_name2": T5XXL_NAME, "type": "flux"},
+             "VAELoader": {"vae_name": VAE16_NAME}},
+}
+DIT_FAMILIES = tuple(TINY_DIT_MODELS)
+
+
+def dit_family(workflow_name):
+    """The DiT family a workflow file is for ('sd35', 'flux'), or None for the UNet (SD1.x / SDXL) workflows."""
+    suffix = workflow_name.rsplit("_", 1)[-1]
+    return suffix if suffix in DIT_FAMILIES else None
+
 
 def workflow_prompt(name, ckpt, *, size=64, steps=2, train_steps=3, residual_name=None, save_name=None,
                     concepts_name=None, **node_inputs):
     """workflows/api/<name>.json shrunk for a CPU test: the given checkpoint, ``size`` px, few steps.
 
+    ``ckpt`` replaces CheckpointLoaderSimple's file; a DiT workflow (``dit_family(name)``) instead gets every loader
+    pointed at the tiny random files (``TINY_DIT_MODELS``), and ``ckpt`` may be None.
     ``node_inputs`` maps a class_type to extra input values, e.g. ``ConceptsApplyResidualsLocalized={"strength": 0}``.
     """
     import json
 
     p = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    family = dit_family(name)
+    models = TINY_DIT_MODELS[family] if family else {}
     for node in p.values():
         ins, kind = node["inputs"], node["class_type"]
-        if kind == "CheckpointLoaderSimple":
+        if kind in models:
+            ins.update(models[kind])
+        elif kind == "CheckpointLoaderSimple":
             ins["ckpt_name"] = ckpt
-        elif kind == "EmptyLatentImage":
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             ins.update(width=size, height=size)
         elif kind == "KSampler":
             ins["steps"] = steps

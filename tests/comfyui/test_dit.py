@@ -1,0 +1,103 @@
+"""SD3.5 (MMDiT) and Flux.1 in a real ComfyUI: every DiT workflow runs headless to an image, on tiny random models.
+
+The files (make_checkpoints.DIT_NAMES) are built once by the ``dit_checkpoints`` fixture: SD3.5 is one checkpoint
+(CheckpointLoaderSimple), Flux a diffusion model + CLIP-L + T5-XXL + VAE (UNETLoader, DualCLIPLoader, VAELoader).
+Each family gets a server of its own, one after the other (Flux with T5 needs ~13 GB).  Sizes: 128 px, 2 sampling
+steps, 2 training steps.
+
+A Flux prompt encode costs ~50 s on one thread (the full T5-XXL over 256 tokens), so every positive prompt here is the
+same text: the servers run with ``--cache-lru``, which keeps CLIPTextEncode's result from one prompt to the next, and
+the stock check, Apply Residuals and the heatmaps' sampler share one encode.  The pack's own nodes (training, LAG,
+heatmaps) encode inside themselves, one encode each.
+"""
+
+import pytest
+
+from .prompts import node_id, workflow_prompt
+
+pytestmark = pytest.mark.dit
+
+SIZE, STEPS, TRAIN_STEPS = 128, 2, 2
+PROMPT = "a photo of a sks toy on the beach"  # the one positive prompt of every run (see the module docstring)
+HEATMAP_WORDS = "toy, beach"
+# the residual file's base_family per workflow family: the config class names, as docs/model-families.md §3.3 proposes
+BASE_FAMILY = {"sd35": "SD3", "flux": "Flux"}
+
+
+def dit_prompt(workflow, family, **kwargs):
+    """workflows/api/<workflow>_<family>.json on the tiny files, small, with PROMPT as its positive prompt."""
+    p = workflow_prompt(f"{workflow}_{family}", None, size=SIZE, steps=STEPS, train_steps=TRAIN_STEPS, **kwargs)
+    source = p[node_id(p, "KSampler")]["inputs"]["positive"][0] if "KSampler" in _classes(p) else None
+    if source is not None and p[source]["class_type"] == "FluxGuidance":
+        source = p[source]["inputs"]["conditioning"][0]
+    if source is not None and p[source]["class_type"] == "CLIPTextEncode":
+        p[source]["inputs"]["text"] = PROMPT
+    for node in p.values():
+        if node["class_type"] == "ConceptsAttentionHeatmaps":
+            node["inputs"].update(text=PROMPT, words=HEATMAP_WORDS)
+    return p
+
+
+def _classes(prompt):
+    return {node["class_type"] for node in prompt.values()}
+
+
+def saved_images(server, prompt, outputs):
+    """The PNG bytes of every SaveImage node's first image in a run's outputs, keyed by node id."""
+    got = {}
+    for nid, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            refs = outputs.get(nid, {}).get("images", [])
+            assert refs, f"SaveImage {nid} ({node['_meta']['title']}) wrote nothing"
+            got[nid] = server.image_bytes(refs[0])
+    assert got and all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in got.values())
+    return got
+
+
+def test_the_workflow_without_the_packs_nodes_runs(dit_server):
+    """Apply Residuals' workflow with the pack's two nodes taken out: the files load, the text encoders encode, the
+    sampler and the VAE run. When this passes and a test below fails, the failure is the pack's."""
+    family, server = dit_server
+    p = dit_prompt("apply_residuals", family)
+    apply_id, load_id = node_id(p, "ConceptsApplyResiduals"), node_id(p, "ConceptsLoadResiduals")
+    p[node_id(p, "KSampler")]["inputs"]["model"] = p[apply_id]["inputs"]["model"]
+    del p[apply_id], p[load_id]
+    saved_images(server, p, server.run(p))
+
+
+@pytest.fixture(scope="module")
+def dit_residual(dit_server):
+    """(file name under models/loras, path) of residuals trained by the family's learn workflow (2 steps)."""
+    family, server = dit_server
+    save_name = f"tests/sks_toy_{family}"
+    p = dit_prompt("learn_residuals", family, save_name=save_name)
+    out = server.run(p)
+    assert out.get(node_id(p, "PreviewImage"), {}).get("images"), "no loss curve"
+    path = server.base_dir / "models" / "loras" / f"{save_name}.safetensors"
+    assert path.is_file()
+    return f"{save_name}.safetensors", path
+
+
+def test_learn_residuals_saves_a_residual_file_for_the_family(dit_server, dit_residual):
+    from core.residuals import load
+
+    family, _ = dit_server
+    meta = load(str(dit_residual[1])).metadata
+    assert meta["base_family"] == BASE_FAMILY[family]
+    assert meta["token"] == "sks" and meta["class_word"] == "toy"
+
+
+@pytest.mark.parametrize("workflow", ["apply_residuals", "apply_residuals_lag"])
+def test_apply_workflow_runs_to_an_image(dit_server, dit_residual, workflow):
+    family, server = dit_server
+    p = dit_prompt(workflow, family, residual_name=dit_residual[0])
+    saved_images(server, p, server.run(p))
+
+
+def test_attention_heatmaps_runs_to_overlays(dit_server):
+    family, server = dit_server
+    p = dit_prompt("attention_heatmaps", family)
+    out = server.run(p)
+    assert len(saved_images(server, p, out)) == 2  # the overlays and the sampled image
+    heatmaps = out.get(node_id(p, "ConceptsAttentionHeatmaps"), {}).get("images", [])
+    assert len(heatmaps) == len(HEATMAP_WORDS.split(","))  # the node's preview: one overlay per word
