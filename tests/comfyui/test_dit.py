@@ -101,3 +101,14 @@ def test_attention_heatmaps_runs_to_overlays(dit_server):
     assert len(saved_images(server, p, out)) == 2  # the overlays and the sampled image
     heatmaps = out.get(node_id(p, "ConceptsAttentionHeatmaps"), {}).get("images", [])
     assert len(heatmaps) == len(HEATMAP_WORDS.split(","))  # the node's preview: one overlay per word
+
+
+def test_concept_attention_workflow_runs_to_one_overlay_per_concept(dit_server):
+    family, server = dit_server
+    p = dit_prompt("concept_attention", family)
+    record = p[node_id(p, "ConceptsRecordConceptAttention")]["inputs"]
+    p[node_id(p, "ConceptsAttentionHeatmaps")]["inputs"]["words"] = ""  # every recorded concept
+    out = server.run(p)
+    assert len(saved_images(server, p, out)) == 2
+    heatmaps = out.get(node_id(p, "ConceptsAttentionHeatmaps"), {}).get("images", [])
+    assert len(heatmaps) == len(record["concepts"].split(","))
