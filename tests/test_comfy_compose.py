@@ -1,9 +1,11 @@
+
 """The pure-torch parts of core/patching/comfy_compose.py: the factorised Custom Diffusion merge, the K/V hooks,
 FreeCustom's mask resampling and override, T2I-Zero's NMS attn2 patch, and the patch-key helpers."""
 import torch
 from torch import nn
 
 from core import compose as C
+from core.hooks.plan import conditional_rows
 from core.patching import comfy_compose as CC
 
 
@@ -64,11 +66,12 @@ def test_block_keys_and_word_pool():
     assert CC.word_pool([49406, 320, 1125, 49407, 49407, -1], 49406, 49407) == [1, 2]
 
 
-def test_mask_at_is_nearest_neighbour_and_cond_rows():
+def test_mask_at_is_nearest_neighbour_and_conditional_rows():
     m = torch.zeros(1, 8, 8)
     m[:, :4, :4] = 0.5
     assert torch.equal(CC.mask_at(m, (2, 2)), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
-    assert CC.cond_rows(4, [1, 0]) == (2, 3) and CC.cond_rows(3, [0]) == (0, 1, 2) and CC.cond_rows(2, [1]) == ()
+    assert conditional_rows(4, [1, 0]) == (2, 3) and conditional_rows(3, [0]) == (0, 1, 2)
+    assert conditional_rows(2, [1]) == ()
 
 
 def test_decoder_finest_levels_are_freecustoms_layers_on_sd15():

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from ..compose import merge_projector, mrsa_attention, nms_attention
 from ..hooks.gate import LowRankGate
+from ..hooks.plan import PromptMatcher, conditional_rows, plan_batch
 from ..residuals import LowRank, ResidualSet
-from ..tokens import same_prompt
-from .comfy import DIFFUSION_MODEL, OUTER_SAMPLE
+from .comfy import DIFFUSION_MODEL, OUTER_SAMPLE, in_sigma_range
 
 MRSA_KEY = "concepts_mrsa"
 NMS_KEY = "concepts_nms"
@@ -144,12 +144,6 @@ def _layer_key(opts: dict):
     return (block[0], int(block[1]), int(opts.get("block_index", 0)))
 
 
-def cond_rows(batch: int, cond_or_uncond: list[int]) -> tuple[int, ...]:
-    """Rows of the conditional chunks of a batch made of ``len(cond_or_uncond)`` equal chunks."""
-    size = batch // max(1, len(cond_or_uncond))
-    return tuple(r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(c * size, (c + 1) * size))
-
-
 def freecustom_patches(refs: References, model_sampling):
     """(OUTER_SAMPLE wrapper, DIFFUSION_MODEL wrapper, attention override factory, attn1_patch,
     attn1_output_patch) for FreeCustom's MRSA.
@@ -197,7 +191,7 @@ def freecustom_patches(refs: References, model_sampling):
 
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         sigmas = transformer_options.get("sigmas")
-        rows = cond_rows(x.shape[0], list(transformer_options.get("cond_or_uncond") or [0]))
+        rows = conditional_rows(x.shape[0], list(transformer_options.get("cond_or_uncond") or [0]))
         if not refs.active or sigmas is None or not rows:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         sigma = sigmas.max()
@@ -304,38 +298,19 @@ def nms_patches(concepts: list[list[int]], reference_cond: torch.Tensor, attenti
     """(DIFFUSION_MODEL wrapper, attn2 replace factory) applying Cross-Token NMS (``nms_attention``) to the
     conditional rows whose context is ``reference_cond`` [L, D]; ``attention`` is ComfyUI's
     ``optimized_attention`` (what an unpatched cross-attention calls)."""
-    matched: dict = {}
-    full_range = sigma_range[0] == float("inf") and sigma_range[1] <= 0.0
+    matcher = PromptMatcher(reference_cond)
 
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        active = True
-        if not full_range and "sigmas" in transformer_options:
-            sigma = float(transformer_options["sigmas"].max())
-            active = sigma_range[1] <= sigma <= sigma_range[0]
-        if not active:
+        if not in_sigma_range(transformer_options, sigma_range):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
-        uuids = list(transformer_options.get("uuids") or [None] * len(cond_or_uncond))
-        size = x.shape[0] // len(cond_or_uncond)
-        rows = []
-        for c, kind in enumerate(cond_or_uncond):
-            if kind != 0:
-                continue
-            uid = uuids[c]
-            hit = matched.get(uid) if uid is not None else None
-            if hit is None:
-                hit = same_prompt(context[c * size], reference_cond)
-                if uid is not None:
-                    if len(matched) > 4096:
-                        matched.clear()
-                    matched[uid] = hit
-            if hit:
-                rows.extend(range(c * size, (c + 1) * size))
+        rows = plan_batch(x.shape[0], cond_or_uncond,
+                          matcher.matches(context, cond_or_uncond, transformer_options.get("uuids"))).rows
         if 0 in cond_or_uncond and not rows:
             raise ValueError("Cross-Token NMS: the sampler's positive conditioning is not the one connected to "
                              "this node, so the concepts' tokens cannot be found. " + error_hint)
         opts = transformer_options.copy()
-        opts[NMS_KEY] = tuple(rows)
+        opts[NMS_KEY] = rows
         return executor(x, timesteps, context, y, control, opts, **kwargs)
 
     def replace_for(previous):
