@@ -88,6 +88,7 @@ def phase_sample(args, ckpt_path):
     """
     import comfy.sample
     import torch
+    from comfyui_concepts.core.patching.comfy import concept_positions
     from comfyui_concepts.nodes.learn import ApplyResiduals
     from comfyui_concepts.nodes.localize import ApplyResidualsLocalized
 
@@ -103,7 +104,8 @@ def phase_sample(args, ckpt_path):
         pooled = torch.randn(1, 768 if flux else 2048, generator=gen) * 0.1
         positive = negative = [[context, {"pooled_output": pooled}]]
         rs = random_residuals(base)
-        lag_model = apply_localized(base, lag_wrapper(rs, [5, 6], context[0]))
+        lag_tokens = ([5, 6], context[0])
+        lag_model = apply_localized(base, lag_wrapper(rs, *lag_tokens))
         lag_positive = positive
         cfg, channels = (1.0 if flux else 4.5), 16
     else:
@@ -114,6 +116,8 @@ def phase_sample(args, ckpt_path):
         rs = random_residuals(base)
         lag_model, lag_positive = ApplyResidualsLocalized.execute(base, clip, rs, text, 1.0, 0.0, 1.0,
                                                                   "median").args
+        lag_tokens = (concept_positions(clip, text, ["sks", "toy"], context_length=lag_positive[0][0].shape[1]),
+                      lag_positive[0][0][0])
     setups = {"base": (base, positive), "global": (ApplyResiduals.execute(base, rs, 1.0, "").args[0], positive),
               "lag": (lag_model, lag_positive)}
     latent = torch.zeros(1, channels, args.size // 8, args.size // 8)
@@ -143,11 +147,41 @@ def phase_sample(args, ckpt_path):
         for mode in setups:
             times[mode].append(run(mode, args.steps))
     ops = {}
+    if args.count_ops:
+        # The same patches with the residual on its first block only: the difference to all blocks is what each
+        # further gated block costs, apart from LAG's once-per-call work (plan, prompt check).
+        setups["global_1"], setups["lag_1"] = first_block_setups(base, rs, lag_tokens, positive, lag_positive)
     for m in setups if args.count_ops else ():
         run(m, 2)  # loads and patches this mode's model outside the profiled run
         ops[m] = count_ops(lambda m=m: run(m, 2))
-    return {m: {"per_step_s": sorted(t)[len(t) // 2], "peak_mb": peaks[m], "ops": ops.get(m),
+    return {m: {"per_step_s": sorted(t)[len(t) // 2], "peak_mb": peaks[m], "ops": ops or None,
                 "gated_blocks": len(rs.layers)} for m, t in times.items()}
+
+
+def first_block_setups(base, rs, lag_tokens, positive, lag_positive):
+    """(global, LAG) setups like the benchmarked ones, with ``rs`` cut down to its first block."""
+    import comfy.lora
+    from comfyui_concepts.core.patching.comfy import apply_global, apply_localized, lag_wrapper
+    from comfyui_concepts.core.residuals import ResidualSet
+
+    first = next(iter(rs.layers))
+    rs1 = ResidualSet({first: rs.layers[first]}, dict(rs.metadata))
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    global_1 = apply_global(base, rs1, 1.0, {}, comfy.lora.load_lora, key_map)
+    lag_1 = apply_localized(base, lag_wrapper(rs1, *lag_tokens))
+    return (global_1, positive), (lag_1, lag_positive)
+
+
+def ops_line(ops: dict, blocks: int) -> str:
+    """What the residual and LAG's gate add per model call and per gated block, from the op counts of the full
+    setups and of their first-block-only twins (``*_1``): a further block costs the difference over blocks - 1."""
+    gate_all, gate_one = ops["lag"] - ops["global"], ops["lag_1"] - ops["global_1"]
+    per_block = (gate_all - gate_one) / max(blocks - 1, 1)
+    return (f"tensor ops per model call: base {ops['base']}, global {ops['global']}, LAG {ops['lag']}; "
+            f"the residual adds {(ops['global'] - ops['base']) / blocks:.1f} per block; LAG's gate adds "
+            f"{gate_all} in all over {blocks} gated blocks: {per_block:.1f} per further block (target <= 10) "
+            f"+ {gate_one - per_block:.0f} once per call (the first block: {gate_one}); the gate before the hook "
+            "layer: 18.5 per block on the tiny SD1.5")
 
 
 def count_ops(fn) -> int:
@@ -270,12 +304,7 @@ def main():
         if r:
             print(f"sample {m:6s}: {r['per_step_s'] * 1000:8.1f} ms/step  peak {r['peak_mb']:8.0f} MB", flush=True)
     if args.count_ops and all(res.values()):
-        blocks = res["lag"]["gated_blocks"]
-        print(f"tensor ops per model call: base {res['base']['ops']}, global {res['global']['ops']}, "
-              f"LAG {res['lag']['ops']}; per gated block ({blocks}): the residual adds "
-              f"{(res['global']['ops'] - res['base']['ops']) / blocks:.1f}, LAG's gate "
-              f"{(res['lag']['ops'] - res['global']['ops']) / blocks:.1f} more (target <= 10; the gate before the "
-              "hook layer: 18.5 on the tiny SD1.5)", flush=True)
+        print(ops_line(res["lag"]["ops"], res["lag"]["gated_blocks"]), flush=True)
     if args.only_sampling:
         if all(res.values()):
             print(f"(a) LAG / global sampling time per step: "

@@ -99,6 +99,14 @@ def test_word_missing_from_prompt_is_named():
         word_positions([1, 2, 3], {"cat": [9]}, "a dog")
 
 
+def test_a_word_t5_splits_differently_in_the_prompt_is_named_with_what_to_do():
+    from core.tokens import word_positions
+    # "sks" alone is two T5 pieces; glued to a comma in the prompt it is tokenized into other pieces.
+    with pytest.raises(TokenNotFoundError, match="T5 splits the word 'sks' into pieces.*put spaces around it"):
+        word_positions([5, 61, 62, 9], {"sks": [71, 72]}, "a sks, toy", tokenizer="t5xxl")
+    assert word_positions([5, 71, 72, 9], {"sks": [71, 72]}, "a sks toy", tokenizer="t5xxl") == [1, 2]
+
+
 def test_views_without_flips_keep_left_and_right(concept_images):
     imgs, _ = training.make_views(concept_images, None, 32, 6, seed=0, flip=False)
     red_cols = [(im[..., 0] > 0.7).float().mean(0).argmax().item() for im in imgs]
