@@ -340,6 +340,10 @@ def read_lora(sd: dict[str, torch.Tensor], family: str | None = None, spec: UNet
     differs); ``spec`` overrides the family's block structure (``spec_from_unet_config``)."""
     detected = detect_family(sd)
     family = family or (spec.family if spec else None)
+    dit = detect_dit_family(sd)
+    if dit is not None:
+        raise LoraFamilyError(f"this LoRA is for {family_label(dit)} ({dit}) but the model is "
+                              f"{family_label(family or detected or 'a UNet')}; load a LoRA made for this model family")
     if family and detected and detected != family:
         raise LoraFamilyError(
             f"this LoRA is for {family_label(detected)} ({detected}) but the model is {family_label(family)} "
@@ -395,6 +399,102 @@ def read_lora(sd: dict[str, torch.Tensor], family: str | None = None, spec: UNet
     if skipped:
         log.info("LoRA: %d text-encoder keys skipped (residuals act on the UNet only)", len(skipped))
     return LoraFile(layers, spec.family, detected, tuple(sorted(formats)), skipped)
+
+
+DIT_KEY_PATTERNS = (  # key fragments that only a DiT LoRA has, in every format ComfyUI reads (ldm, kohya, diffusers)
+    (r"double_blocks|single_blocks|single_transformer_blocks", "Flux"),
+    (r"joint_blocks|context_block|transformer_blocks[._]\d+[._]attn[._]add_[qkv]_proj", "SD3"),
+)
+
+
+def detect_dit_family(sd: dict[str, torch.Tensor]) -> str | None:
+    """Flux or SD3 when the file's keys name that family's blocks, else None (a UNet LoRA or an unknown one)."""
+    for pattern, fam in DIT_KEY_PATTERNS:
+        if any(re.search(pattern, key) for key in sd):
+            return fam
+    return None
+
+
+def read_keyed_lora(sd: dict[str, torch.Tensor], key_map: dict, widths: dict[str, int], family: str) -> LoraFile:
+    """A DiT LoRA's layers as {ComfyUI module path: LowRank}, through the key map ComfyUI's own loader uses.
+
+    ``key_map`` is ``comfy.lora.model_lora_keys_unet(model, {})``: {key stem: weight name} or {key stem: (weight
+    name, (dim, offset, size))} for a slice of a fused layer (diffusers' to_q / to_k / to_v onto Flux's ``qkv``), so
+    every format the stock LoraLoaderModelOnly reads for the model reads here. ``widths`` gives each layer's output
+    width: a slice's up factor is placed at its rows, and several slices of one layer become one LowRank of their
+    summed ranks (each part's alpha / rank folded into its up factor).
+    """
+    detected = detect_dit_family(sd) or detect_family(sd)
+    if detected in (*SPECS, "Flux", "SD3") and detected != {"Chroma": "Flux"}.get(family, family):
+        raise LoraFamilyError(
+            f"this LoRA is for {family_label(detected)} ({detected}) but the model is {family_label(family)} "
+            f"({family}); load a LoRA made for this model family")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    skipped, unknown, unsupported = [], [], {}
+    for key, tensor in sd.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            skipped.append(key)
+            continue
+        parts = _split_key(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        stem, role = parts
+        if role.startswith("unsupported:"):
+            unsupported.setdefault(role.split(":", 1)[1], []).append(key)
+            continue
+        groups.setdefault(stem, {})[role] = tensor
+    if unsupported:
+        kinds_txt = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in unsupported.items())
+        raise LoraFileError("this file holds adapters that are not plain low-rank (LoRA) residuals "
+                            f"({kinds_txt}); apply it globally with LoraLoaderModelOnly instead")
+    pieces: dict[str, list[tuple[LowRank, int]]] = {}
+    for stem, parts in groups.items():
+        if not any(r.startswith("down:") for r in parts):
+            if any(r.startswith("up:") for r in parts):
+                raise LoraFileError(f"LoRA key '{stem}' has an up factor but no down factor")
+            unknown.extend(f"{stem}.{r}" for r in parts)
+            continue
+        target = key_map.get(stem)
+        if target is None:
+            unknown.append(stem)
+            continue
+        weight, (dim, offset, _size) = (target, (0, 0, None)) if isinstance(target, str) else target
+        path = weight.removeprefix("diffusion_model.").removesuffix(".weight")
+        if dim != 0:
+            raise LoraFileError(f"'{stem}' patches a slice along input columns of '{path}'; apply this LoRA with "
+                                "LoraLoaderModelOnly instead")
+        factors = _factors(stem, parts, "linear")
+        pieces.setdefault(path, []).append((factors, offset))
+    if unknown:
+        raise LoraFileError(f"{len(unknown)} key(s) match no {family_label(family)} layer, e.g. "
+                            + ", ".join(sorted(unknown)[:4]) + "; is this a LoRA for another model?")
+    if not pieces:
+        raise LoraFileError("this file has no diffusion-model LoRA layers"
+                            + (" (only text-encoder keys)" if skipped else ""))
+    layers = {}
+    for path, parts in pieces.items():
+        width = widths.get(path)
+        if width is None:
+            raise LoraFamilyError(f"the LoRA targets '{path}', which this {family_label(family)} model does not "
+                                  "have: it was made for another model layout")
+        if len(parts) == 1 and parts[0][1] == 0 and parts[0][0].up.shape[0] == width:
+            layers[path] = parts[0][0]
+            continue
+        ups = []
+        for lay, offset in parts:
+            up = lay.up.new_zeros(width, lay.rank)
+            if offset + lay.up.shape[0] > width:
+                raise LoraFamilyError(f"'{path}' has {width} output rows but the LoRA writes rows {offset} to "
+                                      f"{offset + lay.up.shape[0]}: it was made for another model layout")
+            up[offset:offset + lay.up.shape[0]] = lay.up * lay.scale
+            ups.append(up)
+        down = torch.cat([lay.down for lay, _ in parts])
+        layers[path] = LowRank(down, torch.cat(ups, 1), float(down.shape[0]), conv=False)
+    if skipped:
+        log.info("LoRA: %d text-encoder keys skipped (regions act on the diffusion model only)", len(skipped))
+    formats = ("comfyui key map",)
+    return LoraFile(layers, family, detected, formats, skipped)
 
 
 def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

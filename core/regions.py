@@ -16,6 +16,13 @@ each region's attention is computed from the pass's own q, k, v with its K/V del
 differences from the block's own result ``a`` (``to_out``'s input) are blended by the gates before ``to_out``:
 ``out = out_base + to_out_linear(sum_r g_r (a_r - a))``.
 
+On diffusion transformers (SD3, Flux) a region is one ``core.hooks.gate.LowRankGate`` (``dit_region_gates``): a
+mask gates every layer whose rows are image tokens (on Flux's single blocks the image rows of [text | image]; text
+rows keep the base model); words gate a learned residual's block sites by that block's attention, as LAG does. A
+LoRA's text-stream and vector layers (modulation, embedders) have no image positions, nor have the text rows of
+Flux's single blocks: ``text_layers`` leaves them at the base model ("skip") or applies them in full
+("everywhere": one region covering the image is then the LoRA applied globally).
+
 Cost: regions that cover few positions (together at most half of a dense pass per region) run their low-rank
 matmuls on their own positions only, so k disjoint regions cost about what one full-image region does.
 """
@@ -30,16 +37,18 @@ from torch import nn
 
 from .attention import token_indicator, token_mass
 from .compose import resolve_overlaps
-from .hooks.gate import resize_mask
+from .families import Family, row_kind
+from .hooks.gate import LowRankGate, resize_mask
 from .hooks.tap import AttentionEvent, UNetTap, remove_hooks
 from .layouts import TransformerSite
 from .lora_files import ConvLowRank, lora_forward
 from .masks import binarize
-from .residuals import LowRank
+from .residuals import LowRank, ResidualSet
 
 log = logging.getLogger(__name__)
 
 TEXT_SIDE = ("attn2.to_k", "attn2.to_v")
+TEXT_LAYERS = ("skip", "everywhere")  # DiTs: what a region does with layers that have no image positions
 
 
 @dataclass
@@ -432,3 +441,63 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class RegionError(ValueError):
+    """Regions that cannot be applied as given."""
+
+
+def dit_region_gates(sites: list, modules: dict[str, nn.Module], regions: list[Region], fam: Family,
+                     grid: tuple[int, int], text_layers: str = "skip", rule: str = "argmax",
+                     cache: dict | None = None, tap=None, diffusers: bool = False, mask_rule: str = "median"
+                     ) -> list[LowRankGate]:
+    """One gate per region on a DiT whose image tokens lie on ``grid`` (rows, columns).
+
+    Masks are resolved against each other on the token grid by ``rule`` (``core.compose.resolve_overlaps``);
+    word regions (``tokens``) gate their block sites by that block's attention from ``tap`` (set each such gate's
+    ``plan`` per call, as LAG does; ``mask_rule`` binarises their maps) and add where they overlap. ``cache`` (kept
+    across calls) holds each region's
+    constants (Delta W, its mask at each layout).
+    """
+    cache = {} if cache is None else cache
+    if text_layers not in TEXT_LAYERS:
+        raise RegionError(f"unknown text_layers {text_layers!r}; choose one of {', '.join(TEXT_LAYERS)}")
+    names = [r.name or f"region {i + 1}" for i, r in enumerate(regions)]
+    masked = [i for i, r in enumerate(regions) if r.mask is not None]
+    resolved = {}
+    if masked:
+        stack = torch.stack([resize_mask(regions[i].mask, grid) for i in masked])[:, None]  # [K, 1, N]
+        for i, m in zip(masked, resolve_overlaps(stack, rule, names=[names[i] for i in masked]), strict=True):
+            resolved[i] = m.view(grid)
+    site_kinds = {s.target: s.tokens for s, _ in sites}  # learned residuals are keyed by their sites
+    gates = []
+    for i, region in enumerate(regions):
+        kinds = {p: site_kinds.get(p) or row_kind(fam, p, diffusers) for p in region.layers}
+        keep = {p: lay for p, lay in region.layers.items()
+                if text_layers == "everywhere" or kinds[p] in ("image", "joint")}
+        if len(keep) < len(region.layers):
+            log.info("region '%s': %d text-stream / modulation layers left out (text_layers 'skip')", names[i],
+                     len(region.layers) - len(keep))
+        if not keep:
+            raise RegionError(f"region '{names[i]}' has no layer on image tokens; set text_layers to 'everywhere' "
+                              "or use a LoRA that trains the image stream")
+        for path, lay in keep.items():
+            if isinstance(lay, ConvLowRank) and lay.kernel != (1, 1):
+                raise RegionError(f"region '{names[i]}': '{path}' is a {lay.kernel} conv LoRA layer (the patch "
+                                  "embedder), which regions cannot gate; apply this LoRA with LoraLoaderModelOnly")
+        rs = ResidualSet(keep, {})
+        if region.mask is None:
+            outside = sorted(p for p in keep if p not in site_kinds)
+            if outside:
+                raise RegionError(
+                    f"region '{names[i]}' is gated by words, which on {fam.label} reach only the blocks' residual "
+                    f"sites, but it has other layers (e.g. {outside[0]}): give this region a mask")
+            if tap is None:
+                raise RegionError(f"region '{names[i]}' is gated by words but no attention tap was given")
+            gates.append(LowRankGate(sites, rs, region.strength, localized=True, rule=mask_rule,
+                                     cache=cache.setdefault(i, {}), tap=tap))
+        else:
+            gates.append(LowRankGate(sites, rs, region.strength, cache=cache.setdefault(i, {}), mask=resolved[i],
+                                     modules=modules, grid=grid, kinds=kinds,
+                                     text_rows=1.0 if text_layers == "everywhere" else 0.0))
+    return gates

@@ -283,3 +283,49 @@ def test_unknown_and_unsupported_keys_are_clear_errors():
         L.read_lora({**ok, **dup}, family="SD1")
     with pytest.raises(L.LoraFileError, match="only text-encoder"):
         L.read_lora({"lora_te_x.lora_down.weight": torch.zeros(1, 1)}, family="SD1")
+
+
+# ------------------------------------------------------------------------------------------ DiT LoRAs (key map)
+FLUX_WIDTHS = {"double_blocks.0.img_attn.qkv": 3 * 8, "double_blocks.0.img_attn.proj": 8}
+FLUX_KEY_MAP = {  # as comfy.lora.model_lora_keys_unet gives it: whole layers, and slices of fused ones
+    "lora_unet_double_blocks_0_img_attn_proj": "diffusion_model.double_blocks.0.img_attn.proj.weight",
+    "diffusion_model.double_blocks.0.img_attn.proj": "diffusion_model.double_blocks.0.img_attn.proj.weight",
+    **{f"transformer.transformer_blocks.0.attn.to_{n}": ("diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                                                          (0, 8 * i, 8)) for i, n in enumerate("qkv")},
+}
+
+
+def test_a_dit_lora_reads_through_comfyuis_key_map_whole_layers_and_fused_slices():
+    """Kohya and generic keys name whole layers; diffusers' to_q / to_k / to_v each patch 8 rows of the fused qkv:
+    the three become one LowRank of rank 3 x 2 whose Delta W holds each part's alpha/rank x up @ down at its rows
+    (what ComfyUI's slice patches add to the weight) and zeros nowhere else."""
+    sd = _kohya("lora_unet_double_blocks_0_img_attn_proj", 8, 8, rank=2, alpha=1.0)
+    parts = {n: _kohya(f"transformer.transformer_blocks.0.attn.to_{n}", 8, 8, rank=2, alpha=a, seed=i + 1)
+             for i, (n, a) in enumerate(zip("qkv", (2.0, 1.0, 4.0), strict=True))}
+    for p in parts.values():
+        sd |= p
+    lf = L.read_keyed_lora(sd, FLUX_KEY_MAP, FLUX_WIDTHS, "Flux")
+    assert set(lf.layers) == {"double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv"}
+    proj = lf.layers["double_blocks.0.img_attn.proj"]
+    assert torch.equal(proj.delta(), 0.5 * sd["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"]
+                       @ sd["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"])
+    qkv = lf.layers["double_blocks.0.img_attn.qkv"]
+    assert qkv.rank == 6 and qkv.delta().shape == (24, 8)
+    for i, (n, alpha) in enumerate(zip("qkv", (2.0, 1.0, 4.0), strict=True)):
+        stem = f"transformer.transformer_blocks.0.attn.to_{n}"
+        expect = alpha / 2 * parts[n][f"{stem}.lora_up.weight"] @ parts[n][f"{stem}.lora_down.weight"]
+        assert torch.allclose(qkv.delta()[8 * i:8 * (i + 1)], expect, rtol=1e-6, atol=1e-6)
+
+
+def test_a_lora_for_another_family_is_refused_naming_both():
+    sd1 = _kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768)
+    with pytest.raises(L.LoraFamilyError, match=r"Stable Diffusion 1.x \(SD1\) but the model is Flux.1"):
+        L.read_keyed_lora(sd1, FLUX_KEY_MAP, FLUX_WIDTHS, "Flux")
+    flux = _kohya("lora_unet_double_blocks_0_img_attn_proj", 8, 8)
+    with pytest.raises(L.LoraFamilyError, match=r"Flux.1 \(Flux\) but the model is Stable Diffusion 3"):
+        L.read_keyed_lora(flux, {}, {}, "SD3")
+    with pytest.raises(L.LoraFamilyError, match=r"Flux.1 \(Flux\) but the model is Stable Diffusion 1.x"):
+        L.read_lora(flux, family="SD1")
+    unknown = _kohya("lora_unet_double_blocks_7_img_attn_proj", 8, 8)
+    with pytest.raises(L.LoraFileError, match="1 key.*match no Flux.1 layer.*double_blocks_7"):
+        L.read_keyed_lora(unknown, FLUX_KEY_MAP, FLUX_WIDTHS, "Flux")

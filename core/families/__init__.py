@@ -7,12 +7,15 @@ Why these sites and their parameter counts: docs/model-families.md.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
 from ..layouts import FAMILY_NAMES, TransformerSite, diffusers_to_ldm_namer, is_spatial_transformer
+
+RowKind = Literal["image", "text", "joint", "vector"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Family:
     inplace_blocks: tuple[tuple[str, str], ...] = ()
     comfy_text_first: bool = True  # ComfyUI's joint sequence is [text | image]
     diffusers_text_first: bool = True  # diffusers' joint sequence order (SD3's processor puts image first)
+    # DiTs: what each layer's output rows are, as (regular expression over module paths, kind), first match wins,
+    # ComfyUI names then diffusers names; unmatched layers are "vector" (modulation, embedders: no positions)
+    rows: tuple[tuple[str, RowKind], ...] = ()
+    diffusers_rows: tuple[tuple[str, RowKind], ...] = ()
 
     @property
     def label(self) -> str:
@@ -58,13 +65,31 @@ _FLUX = (BlockSites("double_blocks", "img_attn.proj", "image", "transformer_bloc
 
 _FLUX_INPLACE = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
 
+# Which rows each layer writes. Image rows can be gated per image token; text rows belong to the prompt; joint rows
+# are [text | image] (Flux's single blocks); vector layers (modulation, time and pooled-text embedders) have none.
+_MMDIT_ROWS = ((r"joint_blocks\.\d+\.x_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])", "image"),
+               (r"joint_blocks\.\d+\.context_block\.(attn\.(qkv|proj)|mlp\.fc[12])", "text"),
+               (r"x_embedder\.proj|final_layer\.linear", "image"), (r"context_embedder", "text"))
+_FLUX_ROWS = ((r"double_blocks\.\d+\.img_(attn\.(qkv|proj)|mlp\.[02])", "image"),
+              (r"double_blocks\.\d+\.txt_(attn\.(qkv|proj)|mlp\.[02])", "text"),
+              (r"single_blocks\.\d+\.linear[12]", "joint"),
+              (r"img_in|final_layer\.linear", "image"), (r"txt_in", "text"))
+_DIFFUSERS_DIT_ROWS = (
+    (r"transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))", "image"),
+    (r"transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff_context\.net\.(0\.proj|2))",
+     "text"),
+    (r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)", "joint"),
+    (r"x_embedder|pos_embed\.proj|proj_out", "image"), (r"context_embedder", "text"))
+
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("SD1", "unet", ("SD15",)),
     Family("SD2", "unet", ("SD20",), text_encoders=("clip_h",)),
     Family("SDXL", "unet", ("SDXL",), text_encoders=("clip_l", "clip_g")),
-    Family("SD3", "dit", ("SD3",), _MMDIT, ("clip_l", "clip_g", "t5xxl"), patch=2, diffusers_text_first=False),
-    Family("Flux", "dit", ("Flux",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE),
-    Family("Chroma", "dit", ("Chroma",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE),
+    Family("SD3", "dit", ("SD3",), _MMDIT, ("clip_l", "clip_g", "t5xxl"), patch=2, diffusers_text_first=False,
+           rows=_MMDIT_ROWS, diffusers_rows=_DIFFUSERS_DIT_ROWS),
+    Family("Flux", "dit", ("Flux",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE, rows=_FLUX_ROWS,
+           diffusers_rows=_DIFFUSERS_DIT_ROWS),
+    Family("Chroma", "dit", ("Chroma",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE, rows=_FLUX_ROWS),
 )}
 
 
@@ -118,6 +143,15 @@ def find_sites(model: nn.Module, fam: Family | None = None, diffusers: bool = Fa
             layer = block.get_submodule(inner or bs.layer)
             sites.append((_linear_site(f"{bs.blocks}.{i}", bs, layer, inner), block))
     return sites
+
+
+def row_kind(fam: Family, path: str, diffusers: bool = False) -> RowKind:
+    """What the output rows of the DiT layer at ``path`` are: image tokens, text tokens, [text | image] or none
+    (a vector layer: modulation, embedders)."""
+    for pattern, kind in fam.diffusers_rows if diffusers else fam.rows:
+        if re.fullmatch(pattern, path):
+            return kind
+    return "vector"
 
 
 def is_unet(model: nn.Module) -> bool:

@@ -54,12 +54,18 @@ class LowRankGate:
     ``mask`` a fixed [H, W] gate in [0, 1], neither the global residual. ``modules`` ({path: layer}) lets the
     residual target any layer by path (global or mask gates: LoRAs, K/V residuals). Set ``plan`` before each
     model call (attention gates need its rows; ``active=False`` turns the residual off for the call).
+
+    On a DiT a mask gate needs ``grid``, the call's image-token grid (rows, columns), and ``kinds``, what each
+    layer's output rows are (``core.families.row_kind``): image rows take the mask, [text | image] rows take it on
+    their image rows and ``text_rows`` (0: the base model; 1: the full delta) on their text rows, text and vector
+    layers have no positions and add their delta ungated (leave them out of ``residuals`` to keep them off).
     """
 
     def __init__(self, sites: list, residuals: ResidualSet, strength: float = 1.0,
                  block_strengths: dict[str, float] | None = None, localized: bool = False, rule: str = "median",
                  mask_fn=None, cache: dict | None = None, tap: Tap | None = None, mask: torch.Tensor | None = None,
-                 modules: dict[str, nn.Module] | None = None):
+                 modules: dict[str, nn.Module] | None = None, grid: tuple[int, int] | None = None,
+                 kinds: dict[str, str] | None = None, text_rows: float = 0.0):
         if localized and mask is not None:
             raise ValueError("a gate is either localized (attention) or masked, not both")
         self.sites = [(s, m) for s, m in sites if s.target in residuals.layers]
@@ -70,14 +76,16 @@ class LowRankGate:
         self.rule = rule
         self.mask_fn = mask_fn  # maps [R, N] -> gate [R, N]; overrides ``rule`` (tests, custom rules)
         self.mask = mask
+        self.grid = grid
+        self.kinds = kinds or {}
+        self.text_rows = text_rows
         self.plan = BatchPlan()
         # constants made on first use, shareable across calls: Delta W per layer/dtype/device and token indicators
         self.cache = cache if cache is not None else {}
         self._last: dict[str, tuple[torch.Tensor, BatchPlan]] = {}  # masks of the last call, for ``last_masks``
         self.state = GateState()
         self._targets = self._resolve(modules)
-        if mask is not None and any(getattr(site, "tokens", "image") == "joint" for _, site, _ in
-                                    self._targets.values() if site is not None):
+        if mask is not None and grid is None and any(self._kind(path) == "joint" for path in self._targets):
             raise ValueError("a fixed mask cannot gate a layer whose rows are [text | image] tokens (Flux's single "
                              "blocks): its text rows have no place in the mask; leave those layers out")
         self._own_tap = None
@@ -85,6 +93,13 @@ class LowRankGate:
         if localized and tap is None:
             self.tap = self._own_tap = UNetTap(self.sites)
         self._handles: list = []
+
+    def _kind(self, path: str) -> str:
+        """What the output rows of the layer at ``path`` are (image tokens unless ``kinds`` or its site says)."""
+        if path in self.kinds:
+            return self.kinds[path]
+        site = self._targets[path][1]
+        return getattr(site, "tokens", "image") if site is not None else "image"
 
     def _resolve(self, modules):
         site_of = {s.target: (i, s, m) for i, (s, m) in enumerate(self.sites)}
@@ -192,12 +207,18 @@ class LowRankGate:
         order = tuple(len(plan.rows) if b < 0 else b for b in plan.borrow)
         return mask.index_select(0, torch.tensor(order, device=mask.device))
 
-    def _fixed_mask(self, output: torch.Tensor) -> torch.Tensor:
+    def _fixed_mask(self, output: torch.Tensor, kind: str) -> torch.Tensor:
         """The user mask at this output's positions, shaped to multiply it (made once per layout)."""
-        key = ("mask", output.ndim, tuple(output.shape[1:]), output.device, output.dtype)
+        key = ("mask", kind, self.grid, self.text_rows, output.ndim, tuple(output.shape[1:]), output.device,
+               output.dtype)
         g = self.cache.get(key)
         if g is None:
-            g = self.cache[key] = spatial_gate(self.mask, output)
+            if self.grid is None or output.ndim == 4:
+                g = spatial_gate(self.mask, output)
+            else:
+                g = token_gate(self.mask, self.grid, output.shape[1], kind, self.text_rows)
+                g = g.to(output.device, output.dtype)
+            self.cache[key] = g
         return g
 
     # -------------------------------------------------------------- the residual
@@ -229,7 +250,11 @@ class LowRankGate:
                 return None
             x = inputs[0]
             if self.mask is not None:
-                return torch.addcmul(output, self._fixed_mask(output), self._delta(path, layer, x), value=weight)
+                kind = self._kind(path)
+                if kind in ("text", "vector"):  # no image positions: the delta applies everywhere
+                    return output + weight * self._delta(path, layer, x)
+                return torch.addcmul(output, self._fixed_mask(output, kind), self._delta(path, layer, x),
+                                     value=weight)
             if not self.localized:
                 return output + weight * self._delta(path, layer, x)
             if not plan.gated:
@@ -262,6 +287,20 @@ def spatial_gate(mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"cannot place {n} positions on a {mh}x{mw} mask's grid")
     g = resize_mask(mask, hw).to(output.device, output.dtype)
     return g.view(1, 1, *hw) if output.ndim == 4 else g.view(1, -1, 1)
+
+
+def token_gate(mask: torch.Tensor, grid: tuple[int, int], rows: int, kind: str, text_rows: float = 0.0
+               ) -> torch.Tensor:
+    """``mask`` [H, W] as a [1, rows, 1] gate for a DiT layer's output rows: its image tokens on ``grid`` (rows,
+    columns), and for [text | image] rows ``text_rows`` on the text rows before them."""
+    image = grid[0] * grid[1]
+    g = resize_mask(mask, grid).view(1, image, 1)
+    if kind == "joint" and rows > image:
+        return F.pad(g, (0, 0, rows - image, 0), value=text_rows)
+    if rows != image:
+        raise ValueError(f"a layer with {rows} output rows cannot take a mask over {grid[0]}x{grid[1]} image "
+                         "tokens; is it an image-stream layer of this model?")
+    return g
 
 
 def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -43,6 +43,12 @@ def base_model_family(base_model) -> Family | None:
     return FAMILIES.get(comfy_family_key(type(base_model.model_config)))
 
 
+def is_dit(model_patcher) -> bool:
+    """Whether the model is a diffusion transformer family the pack knows (SD3, Flux, Chroma)."""
+    fam = FAMILIES.get(model_family(model_patcher))
+    return fam is not None and fam.architecture == "dit"
+
+
 def model_sites(model_patcher):
     """The residual sites of the model's diffusion model, as its family defines them."""
     return find_sites(model_patcher.model.diffusion_model, FAMILIES.get(model_family(model_patcher)))
@@ -430,9 +436,65 @@ def _to_device(layer, device):
     return placed
 
 
-def apply_regions(model_patcher, regions, reference_cond, rule="argmax", mask_rule="median"):
-    """A clone applying ``regions`` in one pass per step; other wrappers stay in place."""
-    outer, wrapper = regions_wrappers(regions, reference_cond, rule, mask_rule)
+def dit_regions_wrappers(regions, reference_cond: torch.Tensor | None, rule: str = "argmax",
+                         mask_rule: str = "median", text_layers: str = "skip"):
+    """(OUTER_SAMPLE, APPLY_MODEL) wrappers applying ``regions`` on a DiT (SD3, Flux): one gate per region per
+    model call (``core.regions.dit_region_gates``), word regions reading the call's attention through the tap."""
+    from ..regions import dit_region_gates
+
+    matcher = PromptMatcher(reference_cond)
+    words = [i for i, r in enumerate(regions) if r.tokens]
+    sites_of = _Sites()
+    modules_of: dict = {}
+    cache: dict = {}  # per region: Delta W and masks per layout, kept for the model's life
+
+    def outer(executor, *args, **kwargs):
+        matcher.reset()
+        return executor(*args, **kwargs)
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        fam, sites = sites_of(executor.class_obj)
+        dm = executor.class_obj.diffusion_model
+        if id(dm) not in modules_of:
+            modules_of.clear()
+            modules_of[id(dm)] = {n: m for n, m in dm.named_modules() if getattr(m, "weight", None) is not None}
+        grid = tuple(-(-int(s) // fam.patch) for s in x.shape[-2:])
+        tap, opts, plans = None, transformer_options, {}
+        if words:
+            cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
+            matches = matcher.matches(c_crossattn, cond_or_uncond, transformer_options.get("uuids"))
+            if 0 in cond_or_uncond and not any(matches):
+                raise ConditioningMismatchError(
+                    "Apply Regions: the sampler's positive conditioning is not the prompt this node encoded, so the "
+                    "regions' words cannot be found. Connect the node's 'positive' output to the sampler.")
+            tap, opts = call_tap(fam, sites, x, c_crossattn, transformer_options)
+            plans = {i: plan_batch(x.shape[0], cond_or_uncond, matches, regions[i].tokens) for i in words}
+        gates = dit_region_gates(sites, modules_of[id(dm)], regions, fam, grid, text_layers, rule, cache, tap,
+                                 mask_rule=mask_rule)
+        for i, plan in plans.items():
+            gates[i].plan = plan
+        with contextlib.ExitStack() as stack:
+            for gate in gates:
+                stack.enter_context(gate)
+            return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
+
+    return outer, wrapper
+
+
+def apply_regions(model_patcher, regions, reference_cond, rule="argmax", mask_rule="median", text_layers="skip"):
+    """A clone applying ``regions`` in one pass per step; other wrappers stay in place. On DiTs ``text_layers``
+    says what the regions' text-stream and modulation layers do (``core.regions``); regions that cannot be
+    applied are refused here (``RegionError``), before sampling."""
+    if is_dit(model_patcher):
+        from ..regions import dit_region_gates
+
+        fam = FAMILIES[model_family(model_patcher)]
+        dm = model_patcher.model.diffusion_model
+        modules = {n: m for n, m in dm.named_modules() if getattr(m, "weight", None) is not None}
+        dit_region_gates(find_sites(dm, fam), modules, regions, fam, (1, 1), text_layers, "sum", tap=Tap())
+        outer, wrapper = dit_regions_wrappers(regions, reference_cond, rule, mask_rule, text_layers)
+    else:
+        outer, wrapper = regions_wrappers(regions, reference_cond, rule, mask_rule)
     m = model_patcher.clone()
     m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY + "-regions", outer)
     m.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY + "-regions", wrapper)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import comfy.lora
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
@@ -12,7 +13,7 @@ from ...core.compose import OVERLAP_RULES
 from ...core.layouts import family_label
 from ...core.masks import RULES
 from ...core.patching import comfy as P
-from ...core.regions import Region
+from ...core.regions import TEXT_LAYERS, Region
 from .._support import CATEGORY, Residuals, checked_sites, log
 
 Regions = io.Custom("CONCEPT_REGIONS")
@@ -21,7 +22,7 @@ COMPOSE = f"{CATEGORY}/compose"
 
 
 def lora_region_layers(model, lora_name: str) -> dict:
-    """The UNet layers of a LoRA file mapped onto this model, after family and shape checks."""
+    """The layers of a LoRA file mapped onto this model's diffusion model, after family and shape checks."""
     family = P.model_family(model)
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     if path.endswith(".safetensors"):
@@ -33,6 +34,13 @@ def lora_region_layers(model, lora_name: str) -> dict:
     if stated and stated != family:
         raise L.LoraFamilyError(f"'{lora_name}' was made for {family_label(stated)} but the model is "
                                 f"{family_label(family)}: pick a LoRA for this model")
+    if P.is_dit(model):  # every key format the stock loader reads for this model, through its own key map
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        widths = {p: int(m.weight.shape[0]) for p, m in P.model_modules(model).items()}
+        try:
+            return L.read_keyed_lora(sd, key_map, widths, family).layers
+        except L.LoraFileError as e:
+            raise L.LoraFileError(f"'{lora_name}': {e}") from e
     spec = L.spec_from_unet_config(model.model.model_config.unet_config, family)
     lf = L.read_lora(sd, family=family, spec=spec)
     shapes = {p: tuple(m.weight.shape) for p, m in P.model_modules(model).items()}
@@ -100,11 +108,11 @@ class ApplyRegions(io.ComfyNode):
             node_id="ConceptsApplyRegions",
             display_name="Apply Regions",
             category=COMPOSE,
-            description="Applies every region in the same UNet pass: each delta is added only inside its mask or "
+            description="Applies every region in the same model pass: each delta is added only inside its mask or "
                         "where its words attend (LAG), overlaps decided by the rule. Encodes the prompt too: connect "
-                        "'positive' to the sampler (KSampler or SamplerCustomAdvanced).",
+                        "'positive' to the sampler (KSampler or SamplerCustomAdvanced). SD1.x, SDXL, SD3.5, Flux.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.x or SDXL); it is not changed."),
+                io.Model.Input("model", tooltip="The base model (SD1.x, SDXL, SD3.5 or Flux); it is not changed."),
                 io.Clip.Input("clip", tooltip="The text encoder; the prompt below is encoded with it."),
                 Regions.Input("regions", tooltip="From Concept Region."),
                 io.String.Input("text", multiline=True, default="a photo of a sks dog and a cat",
@@ -114,6 +122,11 @@ class ApplyRegions(io.ComfyNode):
                                        "sum = both apply, error = stop and say which regions overlap."),
                 io.Combo.Input("mask_rule", options=list(RULES), default="median",
                                tooltip="How a word region's attention becomes a mask (median: LAG's rule)."),
+                io.Combo.Input("text_layers", options=list(TEXT_LAYERS), default="skip", optional=True,
+                               tooltip="SD3.5 / Flux only: a LoRA's text-stream and modulation layers have no place "
+                                       "in the image. skip = leave them out (regions stay apart); everywhere = apply "
+                                       "them to the whole image (one full-image region = the LoRA loaded normally, "
+                                       "but several regions' text layers mix)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -122,10 +135,11 @@ class ApplyRegions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, regions, text, overlap, mask_rule):
+    def execute(cls, model, clip, regions, text, overlap, mask_rule, text_layers="skip"):
         if not regions:
             raise ValueError("no regions: connect Concept Region")
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        context_length = positive[0][0].shape[1]
         built = []
         for i, entry in enumerate(regions):
             if entry["residuals"] is not None:
@@ -137,7 +151,7 @@ class ApplyRegions(io.ComfyNode):
                 name = entry["lora_name"]
             tokens = None
             if entry["mask"] is None:
-                tokens = P.concept_positions(clip, text, entry["words"])
+                tokens = P.concept_positions(clip, text, entry["words"], context_length=context_length)
             built.append(Region(layers, entry["strength"], tokens, entry["mask"], name))
         ref = positive[0][0][0] if any(r.tokens for r in built) else None
-        return io.NodeOutput(P.apply_regions(model, built, ref, overlap, mask_rule), positive)
+        return io.NodeOutput(P.apply_regions(model, built, ref, overlap, mask_rule, text_layers), positive)
