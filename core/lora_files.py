@@ -419,7 +419,8 @@ def read_keyed_lora(sd: dict[str, torch.Tensor], key_map: dict, widths: dict[str
     """A DiT LoRA's layers as {ComfyUI module path: LowRank}, through the key map ComfyUI's own loader uses.
 
     ``key_map`` is ``comfy.lora.model_lora_keys_unet(model, {})``: {key stem: weight name} or {key stem: (weight
-    name, (dim, offset, size))} for a slice of a fused layer (diffusers' to_q / to_k / to_v onto Flux's ``qkv``), so
+    name, (dim, offset, size))} for a slice of a fused layer (diffusers' to_q / to_k / to_v onto Flux's ``qkv``), or
+    (weight name, None, function) where the weight's rows are reordered (applied to the up factor's rows), so
     every format the stock LoraLoaderModelOnly reads for the model reads here. ``widths`` gives each layer's output
     width: a slice's up factor is placed at its rows, and several slices of one layer become one LowRank of their
     summed ranks (each part's alpha / rank folded into its up factor).
@@ -459,12 +460,17 @@ def read_keyed_lora(sd: dict[str, torch.Tensor], key_map: dict, widths: dict[str
         if target is None:
             unknown.append(stem)
             continue
-        weight, (dim, offset, _size) = (target, (0, 0, None)) if isinstance(target, str) else target
+        if isinstance(target, str):
+            target = (target,)
+        weight, piece, function = (tuple(target) + (None, None))[:3]
+        dim, offset = (0, 0) if piece is None else piece[:2]
         path = weight.removeprefix("diffusion_model.").removesuffix(".weight")
         if dim != 0:
             raise LoraFileError(f"'{stem}' patches a slice along input columns of '{path}'; apply this LoRA with "
                                 "LoraLoaderModelOnly instead")
         factors = _factors(stem, parts, "linear")
+        if function is not None:  # a reordering of the weight's rows (SD3's last context modulation): on the up rows
+            factors = LowRank(factors.down, function(factors.up), factors.alpha, factors.conv)
         pieces.setdefault(path, []).append((factors, offset))
     if unknown:
         raise LoraFileError(f"{len(unknown)} key(s) match no {family_label(family)} layer, e.g. "
