@@ -112,3 +112,52 @@ def test_concept_attention_workflow_runs_to_one_overlay_per_concept(dit_server):
     assert len(saved_images(server, p, out)) == 2
     heatmaps = out.get(node_id(p, "ConceptsAttentionHeatmaps"), {}).get("images", [])
     assert len(heatmaps) == len(record["concepts"].split(","))
+
+
+def write_region_loras(server, family, checkpoint) -> list[str]:
+    """Two random LoRAs on the model's image-stream layers in the server's models/loras: one in kohya keys, one in
+    ComfyUI's ``diffusion_model.`` keys (names as the loader lists them)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.families import family as family_of
+    from core.families import row_kind
+
+    fam = family_of(BASE_FAMILY[family])
+    prefix = "model.diffusion_model." if family == "sd35" else ""
+    with safe_open(str(checkpoint), "pt") as f:
+        shapes = {k[len(prefix):-len(".weight")]: f.get_slice(k).get_shape() for k in f.keys()
+                  if k.startswith(prefix) and k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2
+                  and row_kind(fam, k[len(prefix):-len(".weight")]) in ("image", "joint")}
+    assert shapes, "no image-stream layers found in the test checkpoint"
+    names = []
+    for i, style in enumerate(("kohya", "comfyui")):
+        g = torch.Generator().manual_seed(i)
+        sd = {}
+        for path, (out, inp) in shapes.items():
+            stem = "lora_unet_" + path.replace(".", "_") if style == "kohya" else "diffusion_model." + path
+            sd[f"{stem}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.05
+            sd[f"{stem}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.05
+            sd[f"{stem}.alpha"] = torch.tensor(4.0)
+        name = f"tests/region_{family}_{style}.safetensors"
+        path = server.base_dir / "models" / "loras" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path))
+        names.append(name)
+    return names
+
+
+def test_compose_regions_with_two_loras_runs_to_an_image(dit_server, dit_checkpoints):
+    """Two LoRA files (kohya and ComfyUI keys), one per half of the image, in one pass; the prompt is PROMPT, whose
+    encode the server has cached."""
+    from .make_checkpoints import FLUX_NAME, SD3_NAME
+
+    family, server = dit_server
+    checkpoint = dit_checkpoints[SD3_NAME if family == "sd35" else FLUX_NAME]
+    loras = write_region_loras(server, family, checkpoint)
+    p = dit_prompt("compose_regions", family, ConceptsApplyRegions={"text": PROMPT})
+    regions = sorted(k for k, v in p.items() if v["class_type"] == "ConceptsRegion")
+    for nid, name in zip(regions, loras, strict=True):
+        p[nid]["inputs"]["lora_name"] = name
+    saved_images(server, p, server.run(p))
