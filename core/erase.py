@@ -81,13 +81,27 @@ def aligned_rows(concept: torch.Tensor, concept_tokens: int, anchor: torch.Tenso
     return torch.cat(erase), torch.cat(anchors)
 
 
+def positional_rows(concept: torch.Tensor, anchor: torch.Tensor):
+    """Erase rows of one encoded concept and their anchor rows, position by position over the whole sequence: for
+    text encoders that are not causal (T5 on SD3 / Flux, and pooled vectors), where every position of the
+    concept's encoding carries it. Both encodings have the same length (the text encoder pads them alike)."""
+    if concept.shape != anchor.shape:
+        raise ValueError(f"the concept and the anchor encode to {tuple(concept.shape)} and {tuple(anchor.shape)} rows;"
+                         " they must be padded alike")
+    return concept, anchor
+
+
 def build_rows(encode, erase_words: list[str], anchor_word: str, preserve_words: list[str],
-               tail_rows: int = -1) -> EditRows:
+               tail_rows: int = -1, align: str = "causal") -> EditRows:
     """The rows of an edit from ``encode(text) -> ([L, d] embedding, number of word tokens)``.
 
-    Every row of the anchor's encoding and of each preserved word's is preserved (the anchor must keep its own
-    mapping, or the erased words would follow a moving target; the start row is in every prompt).
+    ``align`` "causal" pairs the rows as UCE does for CLIP (``aligned_rows``), "positional" position by position
+    (``positional_rows``: DiTs' T5 sequences and pooled vectors). Every row of the anchor's encoding and of each
+    preserved word's is preserved (the anchor must keep its own mapping, or the erased words would follow a moving
+    target; the start row is in every prompt).
     """
+    if align not in ("causal", "positional"):
+        raise ValueError(f"unknown row alignment {align!r}")
     if not erase_words:
         raise ValueError("give at least one word to erase")
     clash = set(erase_words) & set(preserve_words)
@@ -99,7 +113,10 @@ def build_rows(encode, erase_words: list[str], anchor_word: str, preserve_words:
         emb, tokens = encode(word)
         if tokens < 1:
             raise ValueError(f"the word to erase '{word}' encodes to no tokens; give a word with letters in it")
-        e, a = aligned_rows(emb, tokens, anchor, anchor_tokens, tail_rows)
+        if align == "causal":
+            e, a = aligned_rows(emb, tokens, anchor, anchor_tokens, tail_rows)
+        else:
+            e, a = positional_rows(emb, anchor)
         erase.append(e)
         anchors.append(a)
     preserve = [anchor] + [encode(w)[0] for w in preserve_words]

@@ -48,6 +48,10 @@ class Family:
     # ComfyUI names then diffusers names; unmatched layers are "vector" (modulation, embedders: no positions)
     rows: tuple[tuple[str, RowKind], ...] = ()
     diffusers_rows: tuple[tuple[str, RowKind], ...] = ()
+    # DiTs: the layers that read the text encoder's output (closed-form erasure edits these): the token features'
+    # entry and the pooled vector's entry, ComfyUI names then diffusers names
+    text_entry: tuple[str, str] = ("", "")
+    pooled_entry: tuple[str, str] = ("", "")
 
     @property
     def label(self) -> str:
@@ -86,10 +90,13 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("SD2", "unet", ("SD20",), text_encoders=("clip_h",)),
     Family("SDXL", "unet", ("SDXL",), text_encoders=("clip_l", "clip_g")),
     Family("SD3", "dit", ("SD3",), _MMDIT, ("clip_l", "clip_g", "t5xxl"), patch=2, diffusers_text_first=False,
-           rows=_MMDIT_ROWS, diffusers_rows=_DIFFUSERS_DIT_ROWS),
+           rows=_MMDIT_ROWS, diffusers_rows=_DIFFUSERS_DIT_ROWS, text_entry=("context_embedder", "context_embedder"),
+           pooled_entry=("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")),
     Family("Flux", "dit", ("Flux",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE, rows=_FLUX_ROWS,
-           diffusers_rows=_DIFFUSERS_DIT_ROWS),
-    Family("Chroma", "dit", ("Chroma",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE, rows=_FLUX_ROWS),
+           diffusers_rows=_DIFFUSERS_DIT_ROWS, text_entry=("txt_in", "context_embedder"),
+           pooled_entry=("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")),
+    Family("Chroma", "dit", ("Chroma",), _FLUX, ("t5xxl",), patch=2, inplace_blocks=_FLUX_INPLACE, rows=_FLUX_ROWS,
+           text_entry=("txt_in", "")),
 )}
 
 
