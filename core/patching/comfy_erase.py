@@ -39,6 +39,17 @@ def word_encoder(clip):
     return encode
 
 
+def dit_word_encoder(clip):
+    """``encode(text) -> ([L, D] conditioning rows, [1, D'] pooled vector or None)`` as CLIPTextEncode runs the
+    text encoders of a DiT (SD3: CLIP then T5 rows; Flux: T5 rows, CLIP-L pooled). Short texts pad to one length
+    (SD3 77 + 77, Flux 256), so the rows of two words line up position by position."""
+    def encode(text):
+        with torch.no_grad():
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return cond[0].float().cpu(), None if pooled is None else pooled.reshape(1, -1).float().cpu()
+    return encode
+
+
 def kv_weights(model_patcher) -> list[tuple[str, torch.Tensor]]:
     """(ldm name, weight) of every cross-attention K/V projection of the model (read only)."""
     sites = find_sites(model_patcher.model.diffusion_model)
