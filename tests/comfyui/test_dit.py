@@ -161,3 +161,14 @@ def test_compose_regions_with_two_loras_runs_to_an_image(dit_server, dit_checkpo
     for nid, name in zip(regions, loras, strict=True):
         p[nid]["inputs"]["lora_name"] = name
     saved_images(server, p, server.run(p))
+
+
+def test_erase_closed_form_runs_to_an_image(dit_server):
+    """The closed-form erase workflow; only the erased word and the anchor are encoded (no preserved words: each
+    Flux encode costs ~50 s here)."""
+    family, server = dit_server
+    p = dit_prompt("erase_closed_form", family, ConceptsEraseClosedForm={"preserve": ""})
+    out = server.run(p)
+    saved_images(server, p, out)
+    report = " ".join(str(t) for t in out.get(node_id(p, "ConceptsEraseClosedForm"), {}).get("text", []))
+    assert "erased 'red'" in report and "token entry" in report, report
