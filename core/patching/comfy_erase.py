@@ -141,10 +141,12 @@ def asks_for_concept(conds, concept, preserve, margin: float, chunk: int = 77) -
     return not seen
 
 
-def add_steering(model_patcher, post_cfg):
-    """A clone with the steering appended to the post-CFG chain; CFG 1 still computes the unconditional half."""
+def add_steering(model_patcher, post_cfg, active: bool = True):
+    """A clone with the steering appended to the post-CFG chain; while ``active`` (scale not 0), CFG 1 (Flux's
+    usual setting) still computes the unconditional half the steering needs. Inactive, sampling stays as it was,
+    bit for bit (at CFG 1 computing that half changes the result by rounding)."""
     m = model_patcher.clone()
-    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
+    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=active)
     return m
 
 

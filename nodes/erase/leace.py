@@ -64,10 +64,19 @@ class EraseFromConditioning(io.ComfyNode):
         if not with_concept or not without:
             raise ValueError("give at least one prompt with the concept and one without it, one per line")
 
+        t5 = "t5xxl" in clip.tokenize("")  # SD3 / Flux: the conditioning's rows include T5's
+
         def encode(prompts):
+            """[B, L, D]: CLIP's first 77-token chunk; with T5, every row up to the shortest prompt's length (short
+            prompts pad alike), so the eraser is fitted on the kinds of rows it is applied to."""
             with torch.no_grad():
-                return torch.cat([clip.encode_from_tokens(clip.tokenize(p))[:, :77].float().cpu() for p in prompts])
+                rows = [clip.encode_from_tokens(clip.tokenize(p)).float().cpu() for p in prompts]
+            length = min(r.shape[1] for r in rows) if t5 else 77
+            return torch.cat([r[:, :length] for r in rows])
         word = concept_word.strip()
+        if word and t5:
+            raise ValueError("concept_word fits by the rows after the word in CLIP's causal encoding; with T5 (SD3, "
+                             "Flux) every row carries the word: leave concept_word empty")
         if word and per_position:
             raise ValueError("per_position and concept_word are two ways to fit: turn per_position off to fit by the "
                              "word (any wording), or leave concept_word empty")

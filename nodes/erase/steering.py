@@ -116,4 +116,4 @@ class SteerAwayFromConcept(io.ComfyNode):
                                      encode(neutral) if neutral.strip() else None, (momentum, momentum_beta),
                                      [encode(text) for text in kept] if summaries is None else [],
                                      preserve_margin, summaries)
-        return io.NodeOutput(add_steering(model, post_cfg))
+        return io.NodeOutput(add_steering(model, post_cfg, active=scale != 0.0))
