@@ -123,7 +123,7 @@ def attached(tap: Tap):
     return tap if isinstance(tap, UNetTap) else contextlib.nullcontext(tap)
 
 
-class _Sites:
+class SiteCache:
     """Sites per diffusion model, found once."""
 
     def __init__(self):
@@ -286,7 +286,7 @@ def lag_wrapper(rs: ResidualSet, token_idx: list[int], reference_cond: torch.Ten
     """
     placed: dict = {}
     constants: dict = {}  # Delta W and token indicators per device, made on first use (see LowRankGate)
-    sites_of = _Sites()
+    sites_of = SiteCache()
     matcher = PromptMatcher(reference_cond)
 
     def on_device(device):
@@ -330,7 +330,7 @@ def record_wrappers(record):
     """
     from ..heatmaps import AttentionRecorder, step_bin, step_fraction
 
-    sites_of = _Sites()
+    sites_of = SiteCache()
     sources: dict = {}  # cond uuid -> source index, per run
 
     def outer(executor, *args, **kwargs):
@@ -444,7 +444,7 @@ def dit_regions_wrappers(regions, reference_cond: torch.Tensor | None, rule: str
 
     matcher = PromptMatcher(reference_cond)
     words = [i for i, r in enumerate(regions) if r.tokens]
-    sites_of = _Sites()
+    sites_of = SiteCache()
     modules_of: dict = {}
     cache: dict = {}  # per region: Delta W and masks per layout, kept for the model's life
 

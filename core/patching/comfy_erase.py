@@ -5,7 +5,7 @@ functions (the LoRA loader, calc_cond_batch) where one is needed.
   ComfyUI's own loader (``apply_global``, what LoraLoader does with the saved file), on a clone;
 - steering: a ``sampler_post_cfg_function`` (a list ComfyUI chains, so other CFG patches keep working) that runs
   one more prediction for the concept prompt;
-- sliders: the residual gate installed for each UNet call by a DIFFUSION_MODEL wrapper, off before the start step;
+- sliders: the residual gate installed for each model call by an APPLY_MODEL wrapper, off before the start step;
   a K/V residual set (ESD-x) is added by forward hooks on the cross-attention K/V projections for that call.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..hooks.plan import BatchPlan
 from ..layouts import find_sites
 from ..residuals import ResidualSet, init_residuals
 from ..steering import preserve_gate, prompt_gate, sld_gamma, sld_momentum, steer_denoised
-from .comfy import DIFFUSION_MODEL, prompt_token_ids
+from .comfy import APPLY_MODEL, SiteCache, prompt_token_ids
 from .comfy_compose import init_kv_residuals, kv_residuals
 
 SLIDER_WRAPPER_KEY = "comfyui-concepts-slider"
@@ -151,11 +151,12 @@ def add_steering(model_patcher, post_cfg, active: bool = True):
 
 
 def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
-    """A DIFFUSION_MODEL wrapper adding ``strength`` * the residual for UNet calls at sigma <= ``start_sigma``
-    (the sliders paper's delayed start) and the base model before."""
+    """An APPLY_MODEL wrapper (one signature on every family) adding ``strength`` * the residual for model calls at
+    sigma <= ``start_sigma`` (the sliders paper's delayed start) and the base model before."""
     placed: dict = {}
     constants: dict = {}
     kv = is_kv_set(rs)
+    sites_of = SiteCache()
 
     def on_device(device):
         if device not in placed:
@@ -163,20 +164,20 @@ def slider_wrapper(rs: ResidualSet, strength: float, start_sigma: float):
             placed[device] = ResidualSet(layers, rs.metadata)
         return placed[device]
 
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         active = True
         if start_sigma != float("inf") and "sigmas" in transformer_options:
             active = float(transformer_options["sigmas"].max()) <= start_sigma
         if not active or strength == 0.0:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        sites = find_sites(executor.class_obj)
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        sites = sites_of(executor.class_obj)[1]
         if kv:
             patch = kv_residuals(dict(cross_attention_projections(sites)), on_device(x.device), strength)
         else:
             patch = LowRankGate(sites, on_device(x.device), strength, cache=constants)
             patch.plan = BatchPlan(active=True)
         with patch:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     return wrapper
 
 
@@ -212,20 +213,20 @@ def is_kv_set(rs: ResidualSet) -> bool:
 
 def apply_slider(model_patcher, wrapper):
     m = model_patcher.clone()
-    m.add_wrapper_with_key(DIFFUSION_MODEL, SLIDER_WRAPPER_KEY, wrapper)
+    m.add_wrapper_with_key(APPLY_MODEL, SLIDER_WRAPPER_KEY, wrapper)
     return m
 
 
-def guided_predict(guider, model_options, switch, sigma_table: torch.Tensor, alphas_cumprod: torch.Tensor,
+def guided_predict(guider, model_options, switch, sigma_table: torch.Tensor, input_divisor: torch.Tensor,
                    calc_cond_batch):
     """``predict(x_t, t, prompt, residual)`` for core.sliders.train_guided inside a ComfyUI guider whose conds are
-    the slider's prompts; ``switch(on)`` turns the trained residual on or off; returns ComfyUI's denoised x0
-    (prediction kind ``x0``)."""
+    the slider's prompts; ``switch(on)`` turns the trained residual on or off; ``x_t / input_divisor[t]`` is the
+    model's input at ``sigma_table[t]`` (``nodes._support.training_schedule``: the UNets' and rectified flow's
+    scalings alike); returns ComfyUI's denoised x0 (prediction kind ``x0``)."""
 
     def predict(x_t, t, prompt, residual):
         switch(residual)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        (x0,) = calc_cond_batch(guider.inner_model, [guider.conds[prompt]], x_t / a.sqrt(), sigma_table[t],
-                                model_options)
+        (x0,) = calc_cond_batch(guider.inner_model, [guider.conds[prompt]], x_t / input_divisor[t].view(-1, 1, 1, 1),
+                                sigma_table[t], model_options)
         return x0
     return predict

@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ...core import sliders as S
 from ...core import training
-from ...core.patching.comfy import model_family, model_sites
+from ...core.patching.comfy import is_dit, model_family, model_sites
 from ...core.patching.comfy_erase import (
     GUIDED_LAYERS,
     apply_slider,
@@ -42,6 +42,9 @@ def _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_
                             technique, save_name, overwrite, denoise_steps=0, preserve=(), layers="proj_out"):
     """``sets``: (neutral, plus, minus) prompt triples (text), one drawn per step; ``preserve``: prompts kept;
     ``layers``: ``GUIDED_LAYERS`` (each transformer's proj_out, or every cross-attention K/V projection: ESD-x)."""
+    if layers == "cross_attention_kv" and is_dit(model):
+        raise ValueError("layers 'cross_attention_kv' (ESD-x) trains the cross-attention key/value projections, which "
+                         "SD3 and Flux do not have: choose 'proj_out' (each block's residual site on these models)")
     path = save_path(save_name, overwrite)
     config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     family = model_family(model)
@@ -63,7 +66,7 @@ def _train_guided_residuals(model, clip, sets, eta, steps, learning_rate, batch_
 
         def train(guided):
             predict = guided_predict(guided.model_wrap, guided.model_options, switch, guided.sigmas,
-                                     guided.alphas_cumprod, comfy.samplers.calc_cond_batch)
+                                     guided.input_divisor, comfy.samplers.calc_cond_batch)
             return S.train_guided(rs.parameters(), predict, tuple(guided.latent.shape[1:]), guided.alphas_cumprod,
                                   eta, "x0", config, progress, guided.latent.device, denoise_steps, keyed_sets,
                                   keyed_preserve)

@@ -7,6 +7,9 @@ edit of the layers that read the text encoder's output (token entry and pooled e
 what follows them sees the anchor: the erased word samples the anchor's latent, a preserved word its own; the saved
 file through the stock loader gives the node's latent.
 
+Erase Concept (ESD fine-tune) on SD3 trains (2 steps) on the blocks' residual sites and Apply Slider applies it: at
+strength 0 the base model exactly, at 1 a changed latent; ESD-x (cross-attention K/V) is refused there.
+
 Steering and LEACE, whose math does not depend on the family: Steer Away at scale 0 is the base model exactly and
 at scale 1 changes the latent, on SD3 through the node and on Flux (at cfg 1, as Flux is sampled) through its core
 function with random conditioning (no T5 encode); LEACE on SD3's conditioning changes the rows and at strength 0
@@ -108,6 +111,7 @@ STEER_SCRIPT = textwrap.dedent("""
     import comfy.sampler_helpers, comfy.samplers
     from comfyui_concepts.core.patching.comfy_erase import add_steering, steering_post_cfg
     from comfyui_concepts.nodes.erase.leace import EraseFromConditioning
+    from comfyui_concepts.nodes.erase.sliders import ApplySlider, TrainEsdEraser
     from comfyui_concepts.nodes.erase.steering import SteerAwayFromConcept
 
     family, path = {family!r}, {path!r}
@@ -156,13 +160,24 @@ STEER_SCRIPT = textwrap.dedent("""
         res["leace_change"] = (erased[0][0] - positive[0][0]).abs().max().item()
         res["leace0_equal"] = torch.equal(kept[0][0], positive[0][0])
         res["leace_latent_change"] = (sample(model, erased) - base).abs().max().item()
+    if clip is not None:
+        esd = TrainEsdEraser.execute(model, clip, "a red car", 1.0, 2, 1e-3, 1, 4, 128, 0, "", False).args[0]
+        res["esd_layers"] = sorted(esd.layers)[:2]
+        res["esd0_equal"] = torch.equal(sample(ApplySlider.execute(model, esd, 0.0, 0.0).args[0]), base)
+        res["esd1_change"] = (sample(ApplySlider.execute(model, esd, 1.0, 0.0).args[0]) - base).abs().max().item()
+        try:
+            TrainEsdEraser.execute(model, clip, "a red car", 1.0, 1, 1e-3, 1, 4, 128, 0, "", False,
+                                    layers="cross_attention_kv")
+            res["esd_x_error"] = ""
+        except ValueError as e:
+            res["esd_x_error"] = str(e)
     res["plain_after_equal"] = torch.equal(sample(model), base)
     print("RESULT " + json.dumps(res))
 """)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_steering_and_leace_run_on_dits(dit_checkpoints, family):
+def test_steering_leace_and_esd_run_on_dits(dit_checkpoints, family):
     from .make_checkpoints import FLUX_NAME
 
     path = dit_checkpoints[SD3_NAME if family == "sd3" else FLUX_NAME]
@@ -178,3 +193,6 @@ def test_steering_and_leace_run_on_dits(dit_checkpoints, family):
     if family == "sd3":
         assert res["leace_rows"][1] >= 77  # the test checkpoint has no T5: CLIP's 77 rows
         assert res["leace_change"] > 1e-3 and res["leace0_equal"] and res["leace_latent_change"] > 1e-4, res
+        assert res["esd_layers"] == ["joint_blocks.0.x_block.attn.proj", "joint_blocks.1.x_block.attn.proj"], res
+        assert res["esd0_equal"] and res["esd1_change"] > 1e-4, res
+        assert "SD3 and Flux do not have" in res["esd_x_error"], res
