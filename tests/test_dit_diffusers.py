@@ -157,6 +157,26 @@ def test_the_median_rule_turns_on_half_of_each_sites_image_tokens(case):
         assert torch.equal(mask[0], mask[1])
 
 
+def test_a_residual_on_some_blocks_is_gated_by_those_blocks_maps(case):
+    """A set trained on a subset of blocks (Train Personalized Residuals' target_blocks) with the tap shared by
+    every block: each gated block uses its own block's map, the one a full set with zeros on the other blocks (the
+    same hidden states) computes there, not the first block's."""
+    rs = residuals(case)
+    last = case.sites[-1][0]
+    part = R.ResidualSet({last.target: rs.layers[last.target]}, dict(rs.metadata))
+    for target, layer in rs.layers.items():  # the full set: the same residual, zero on the other blocks
+        if target != last.target:
+            layer.up.zero_()
+    with DiTTap(case.model) as tap, LowRankGate(case.sites, rs, localized=True, tap=tap) as gate:
+        run(case, gate)
+        full = gate.last_masks
+    with DiTTap(case.model) as tap, LowRankGate(case.sites, part, localized=True, tap=tap) as gate:
+        run(case, gate)
+        only = gate.last_masks
+    assert set(only) == {last.path}
+    assert torch.equal(only[last.path], full[last.path])
+
+
 # ------------------------------------------------------------------------------------------ heatmaps
 def test_recorded_maps_of_one_layer_are_probabilities_over_the_prompt(case):
     """The recorder's DiT maps are softmax over the text keys alone: per image token non-negative and summing to

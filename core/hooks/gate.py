@@ -50,7 +50,8 @@ def target_layer(site, module: nn.Module) -> nn.Module:
 class LowRankGate:
     """Hooks that apply ``residuals`` to ``sites`` (``[(site, module)]``, as ``core.families.find_sites`` gives).
 
-    ``localized`` selects LAG's attention gate (maps from ``tap``; a UNet's own ``attn2`` when no tap is given),
+    ``localized`` selects LAG's attention gate (maps from ``tap``, whose events number ``sites`` as given here; a
+    UNet's own ``attn2`` when no tap is given),
     ``mask`` a fixed [H, W] gate in [0, 1], neither the global residual. ``modules`` ({path: layer}) lets the
     residual target any layer by path (global or mask gates: LoRAs, K/V residuals). Set ``plan`` before each
     model call (attention gates need its rows; ``active=False`` turns the residual off for the call).
@@ -68,7 +69,10 @@ class LowRankGate:
                  kinds: dict[str, str] | None = None, text_rows: float = 0.0):
         if localized and mask is not None:
             raise ValueError("a gate is either localized (attention) or masked, not both")
+        sites = list(sites)
         self.sites = [(s, m) for s, m in sites if s.target in residuals.layers]
+        # a tap's events number the sites it was given (the same ``sites`` as here); only the gated ones are kept
+        kept = [j for j, (s, _) in enumerate(sites) if s.target in residuals.layers]
         self.residuals = residuals
         self.strength = strength
         self.block_strengths = block_strengths or {}
@@ -90,8 +94,10 @@ class LowRankGate:
                              "blocks): its text rows have no place in the mask; leave those layers out")
         self._own_tap = None
         self.tap = tap
+        self._site_index = {j: i for i, j in enumerate(kept)}
         if localized and tap is None:
             self.tap = self._own_tap = UNetTap(self.sites)
+            self._site_index = {i: i for i in range(len(self.sites))}
         self._handles: list = []
 
     def _kind(self, path: str) -> str:
@@ -165,6 +171,9 @@ class LowRankGate:
         return self.plan.gated
 
     def _on_attention(self, ev: AttentionEvent) -> None:
+        site = self._site_index.get(ev.site)
+        if site is None:  # a block without a residual: no map needed
+            return
         plan = self.plan
         if plan.consecutive:
             span = (plan.rows[0], len(plan.rows))
@@ -179,9 +188,9 @@ class LowRankGate:
             idx = torch.tensor(plan.tokens, dtype=torch.long, device=kh.device)
             ind = self.cache[key] = token_indicator(idx, heads, length, 1, kh).expand(rows, -1, -1, -1)
         maps = token_mass_column(qh, kh, ind)  # [R, N, 1]
-        prev = self.state.maps.get(ev.site)
-        self.state.maps[ev.site] = maps if prev is None else prev + maps  # UNet depth > 1 (SDXL): sum the blocks
-        self.state.image[ev.site] = ev.image
+        prev = self.state.maps.get(site)
+        self.state.maps[site] = maps if prev is None else prev + maps  # UNet depth > 1 (SDXL): sum the blocks
+        self.state.image[site] = ev.image
 
     def _attention_mask(self, index: int, site) -> torch.Tensor:
         """[R, N, 1] mask of the concept rows at a site: bool (median/mean rule) or float (soft rule,
