@@ -195,3 +195,34 @@ def test_erase_bench_steering_gated_by_the_prompt_steers_red_and_its_synonym_onl
     gated = ME.generate(unet, te, tok, prompts, seed=3, steer=(*steer, None, (summaries[0], summaries[1:], 0.25)))
     assert torch.equal(gated[0], ungated[0]) and not torch.allclose(ungated[0], base[0], atol=1e-2)
     assert torch.allclose(gated[1], base[1], atol=1e-5)  # the batch holds more prompts: float rounding only
+
+
+def test_toy_dit_trains_one_step_and_samples_on_the_dit_backend(tmp_path):
+    """The toy DiT (an SD3 transformer): one training step through ``train_base --arch dit`` (with its checkpoint
+    evaluation), the saved file loads, ``generate_dit`` samples, and the pack's DiT backend sees one site per block."""
+    from bench.toyworld import model_dit as D
+    from bench.toyworld import train_base
+    from core.patching.diffusers_dit import DiTTap, dit_family, dit_sites
+
+    dit = D.build_dit(0)
+    assert dit_family(dit).key == "SD3"
+    sites = dit_sites(dit)
+    assert len(sites) == D.DIT_CONFIG["num_layers"] and [b for _, b in sites] == list(dit.transformer_blocks)
+    out = str(tmp_path / "dit.safetensors")
+    threads = torch.get_num_threads()
+    try:
+        train_base.main(["--arch", "dit", "--steps", "1", "--batch", "2", "--n-single", "1", "--n-two", "1",
+                         "--sample-steps", "2", "--out", out])
+    finally:
+        torch.set_num_threads(threads)  # main sets its --threads
+    net, te, tok = D.load_dit(out)
+    assert not torch.equal(net.proj_out.weight, dit.proj_out.weight)  # the step moved the zero-initialised output
+    prompt = ["a red circle on the left on a gray background"]
+    img = D.generate_dit(net, te, tok, prompt, seed=0, steps=2)
+    assert img.shape == (1, S.SIZE, S.SIZE, 3) and torch.isfinite(img).all()
+    assert 0 <= float(img.min()) and float(img.max()) <= 1
+    events = []
+    with DiTTap(net) as tap:  # the backend's processors compute what the stock ones do and see 256 + 32 tokens
+        tap.listen(events.append)
+        assert torch.equal(D.generate_dit(net, te, tok, prompt, seed=0, steps=2), img)
+    assert len(events) == 2 * len(sites) and events[0].image == (0, 256) and events[0].text == (256, M.MAX_LENGTH)

@@ -1,6 +1,8 @@
 """Train the toy world's base model (UNet + text encoder, from scratch) and evaluate it with the judge.
 
     python -m bench.toyworld.train_base --steps 1500 [--out bench/toyworld/weights/base.safetensors]
+    python -m bench.toyworld.train_base --arch dit ...   # the toy DiT (model_dit: SD3Transformer2DModel), same
+                                                         # scenes, noise, objective, judge and seeds
 
 Deterministic for a given --seed and --steps on one machine with the same thread count (1, the default): the
 scenes come from seeds, the noise from one torch generator. Training scenes: seeds 0, 1, 2, ... of the base
@@ -28,6 +30,7 @@ from core.patching.diffusers import token_ids
 
 from . import judge as J
 from . import model as M
+from . import model_dit as D
 from . import scenes as S
 
 log = logging.getLogger(__name__)
@@ -65,13 +68,14 @@ def eval_scenes(n: int, n_objects: int, shapes=S.BASE_SHAPES, textures=S.BASE_TE
 
 def evaluate(unet, text_encoder, tokenizer, judge, n_single: int = 48, n_two: int = 24,
              steps: int = M.SAMPLE_STEPS, seed: int = EVAL_SAMPLE_SEED, guidance: float = M.GUIDANCE,
-             scene_seed0: int = EVAL_SCENE_SEED0) -> dict:
-    """Per attribute kind, the share of samples in which the judge finds what the held-out prompt asks."""
+             scene_seed0: int = EVAL_SCENE_SEED0, generate=M.generate) -> dict:
+    """Per attribute kind, the share of samples in which the judge finds what the held-out prompt asks
+    (``generate``: ``model.generate`` for the UNet, ``model_dit.generate_dit`` for the DiT)."""
     res = {}
     for name, n_obj, n in (("single", 1, n_single), ("two", 2, n_two)):
         scs = eval_scenes(n, n_obj, seed0=scene_seed0)
-        imgs = M.generate(unet, text_encoder, tokenizer, [s.caption() for s in scs], seed=seed, steps=steps,
-                          guidance=guidance).cpu()
+        imgs = generate(unet, text_encoder, tokenizer, [s.caption() for s in scs], seed=seed, steps=steps,
+                        guidance=guidance).cpu()
         checks = [J.attribute_checks(r, s) for r, s in zip(J.read(judge, imgs), scs, strict=True)]
         kinds = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
         kinds["all"] = float(np.mean([J.all_ok(c) for c in checks]))
@@ -90,7 +94,10 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, default=0, help="stop early (breaks determinism)")
     ap.add_argument("--stop-at", type=int, default=0, help="stop after this many steps (the schedule still spans "
                     "--steps): reproduces a run that --max-minutes stopped")
-    ap.add_argument("--out", default=M.DEFAULT_WEIGHTS)
+    ap.add_argument("--arch", choices=("unet", "dit"), default="unet",
+                    help="unet (model.py, the committed model) or dit (model_dit.py: an SD3 transformer)")
+    ap.add_argument("--out", default="", help="weights file (default: model.DEFAULT_WEIGHTS, or "
+                    "model_dit.DEFAULT_DIT_WEIGHTS with --arch dit)")
     ap.add_argument("--judge", default=DEFAULT_JUDGE)
     ap.add_argument("--threads", type=int, default=1, help="1: two torch threads crawl when another process runs")
     ap.add_argument("--init", default="", help="start from these weights (a continuation, not from scratch)")
@@ -102,6 +109,8 @@ def main(argv=None):
     ap.add_argument("--val", action="store_true", help="--eval-only on the validation split (40M+, noise 4141)")
     ap.add_argument("--unet", default="", help="'shuffle' (model.SHUFFLE_UNET_CONFIG) or JSON overrides of "
                     "model.UNET_CONFIG; the config is saved with the weights")
+    ap.add_argument("--dit", default="", help="--arch dit: JSON overrides of model_dit.DIT_CONFIG (saved with "
+                    "the weights)")
     ap.add_argument("--t-dist", default="uniform", help="training timesteps: uniform, or logitnormal:M,S")
     ap.add_argument("--min-snr", type=float, default=0, help="min-SNR-gamma loss weighting (0: off)")
     ap.add_argument("--snr-plus-one", action="store_true", help="with --min-snr G: weight min(snr + 1, G) / (snr + 1) "
@@ -116,16 +125,19 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu (the committed model) or cuda (recipe sweeps only: "
                     "same scenes and noise, not bit-identical to a CPU run)")
     args = ap.parse_args(argv)
+    dit = args.arch == "dit"
+    args.out = args.out or (D.DEFAULT_DIT_WEIGHTS if dit else M.DEFAULT_WEIGHTS)
+    load, save, generate = (D.load_dit, D.save_dit, D.generate_dit) if dit else (M.load, M.save, M.generate)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     if args.eval_only:
-        unet, te, tok = M.load(args.out)
-        unet, te = unet.to(dev), te.to(dev)
+        net, te, tok = load(args.out)
+        net, te = net.to(dev), te.to(dev)
         seed0, noise = (VAL_SCENE_SEED0, VAL_SAMPLE_SEED) if args.val else (EVAL_SCENE_SEED0, EVAL_SAMPLE_SEED)
-        res = evaluate(unet, te, tok, J.load(args.judge), args.n_single, args.n_two, args.sample_steps,
-                       seed=noise, guidance=args.guidance, scene_seed0=seed0)
+        res = evaluate(net, te, tok, J.load(args.judge), args.n_single, args.n_two, args.sample_steps,
+                       seed=noise, guidance=args.guidance, scene_seed0=seed0, generate=generate)
         res.update(guidance=args.guidance, sample_steps=args.sample_steps,
                    weights_sha256=M.sha256(args.out), eval_scene_seed0=seed0, eval_sample_seed=noise,
                    n_single=args.n_single, n_two=args.n_two)
@@ -133,20 +145,23 @@ def main(argv=None):
         return
 
     tok = M.build_tokenizer()
-    unet_over = M.SHUFFLE_UNET_CONFIG if args.unet == "shuffle" else json.loads(args.unet) if args.unet else {}
-    unet = M.build_unet(args.seed, unet_over).train()
-    latent = unet.config.in_channels != 3
+    if dit:
+        net = D.build_dit(args.seed, json.loads(args.dit) if args.dit else {}).train()
+    else:
+        unet_over = M.SHUFFLE_UNET_CONFIG if args.unet == "shuffle" else json.loads(args.unet) if args.unet else {}
+        net = M.build_unet(args.seed, unet_over).train()
+    latent = net.config.in_channels != 3
     te = M.build_text_encoder(len(tok), args.seed).train()
     if args.init:
-        u0, t0_, _ = M.load(args.init)
-        unet.load_state_dict(u0.state_dict())
+        n0, t0_, _ = load(args.init)
+        net.load_state_dict(n0.state_dict())
         te.load_state_dict(t0_.state_dict())
-        unet.requires_grad_(True)
+        net.requires_grad_(True)
         te.requires_grad_(True)
-    unet, te = unet.to(dev), te.to(dev)
-    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
-    params = list(unet.parameters()) + list(te.parameters())
-    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    net, te = net.to(dev), te.to(dev)
+    ema_net, ema_te = copy.deepcopy(net).eval(), copy.deepcopy(te).eval()
+    params = list(net.parameters()) + list(te.parameters())
+    ema_params = list(ema_net.parameters()) + list(ema_te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2, fused=dev.type == "cuda" or None)
     warm = args.warmup
 
@@ -180,19 +195,21 @@ def main(argv=None):
             "warmup": args.warmup, "t_dist": args.t_dist, "min_snr": args.min_snr, "snr_plus_one": args.snr_plus_one,
             "bf16": args.bf16, "obj_weight": args.obj_weight,
             "colourless": args.colourless}
+    if dit:
+        meta["arch"] = "dit"
     if args.init:
         meta["init_sha256"] = M.sha256(args.init)
 
     def checkpoint(step, final=False):
-        M.save(ema_unet, ema_te, args.out, dict(meta, steps_done=step))  # no timings: the file is reproducible
+        save(ema_net, ema_te, args.out, dict(meta, steps_done=step))  # no timings: the file is reproducible
         rec = {"step": step, "train_seconds": round(train_s, 1), "final": final}
         if os.path.exists(args.judge):
             te0 = time.time()
             try:
                 # the validation split: the held-out test split (--eval-only) never steers a run
-                rec["val"] = evaluate(ema_unet, ema_te, tok, J.load(args.judge), args.n_single, args.n_two,
+                rec["val"] = evaluate(ema_net, ema_te, tok, J.load(args.judge), args.n_single, args.n_two,
                                       args.sample_steps, seed=VAL_SAMPLE_SEED, guidance=args.guidance,
-                                      scene_seed0=VAL_SCENE_SEED0)
+                                      scene_seed0=VAL_SCENE_SEED0, generate=generate)
             except Exception as e:  # a judge being rewritten must not end a long training run
                 log.warning("evaluation failed: %s", e)
             rec["eval_seconds"] = round(time.time() - te0, 1)
@@ -229,7 +246,10 @@ def main(argv=None):
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
         x_t, v, w = x_t.to(dev), v.to(dev), (w.to(dev) if w is not None else None)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred = unet(x_t, t.to(dev), encoder_hidden_states=te(ids)[0]).sample.float()
+            if dit:
+                pred = D.predict(net, x_t, t.to(dev), D.text_conditioning(te, ids)).float()
+            else:
+                pred = net(x_t, t.to(dev), encoder_hidden_states=te(ids)[0]).sample.float()
         err = (pred - v).pow(2)
         per = (err * w).mean((1, 2, 3)) / w.mean((1, 2, 3)) if w is not None else err.mean((1, 2, 3))
         if args.min_snr:  # v-prediction: weight min(snr, gamma) / (snr + 1), i.e. x0-loss weight min(snr, gamma)
