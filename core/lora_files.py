@@ -335,6 +335,31 @@ def _factors(stem: str, parts: dict[str, torch.Tensor], kind: str) -> LowRank:
     return LowRank(down.flatten(1), up.flatten(1), alpha, conv=True)
 
 
+def _group_keys(sd: dict[str, torch.Tensor], loader: str):
+    """(factors per key stem {stem: {role: tensor}}, text-encoder keys skipped, keys of no known kind) of a LoRA
+    state dict; adapters that are not plain low-rank factors are an error naming them and the stock ``loader``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    skipped, unknown, unsupported = [], [], {}
+    for key, tensor in sd.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            skipped.append(key)
+            continue
+        parts = _split_key(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        stem, role = parts
+        if role.startswith("unsupported:"):
+            unsupported.setdefault(role.split(":", 1)[1], []).append(key)
+            continue
+        groups.setdefault(stem, {})[role] = tensor
+    if unsupported:
+        kinds_txt = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in unsupported.items())
+        raise LoraFileError("this file holds adapters that are not plain low-rank (LoRA/LoCon) residuals "
+                            f"({kinds_txt}); apply it globally with {loader} instead")
+    return groups, skipped, unknown
+
+
 def read_lora(sd: dict[str, torch.Tensor], family: str | None = None, spec: UNetSpec | None = None) -> LoraFile:
     """The UNet layers of a LoRA state dict as {ldm path: LowRank}; ``family`` is the model's (error if the file's
     differs); ``spec`` overrides the family's block structure (``spec_from_unet_config``)."""
@@ -356,25 +381,7 @@ def read_lora(sd: dict[str, torch.Tensor], family: str | None = None, spec: UNet
         spec = SPECS[use]
     to_ldm, kinds = unet_module_map(spec)
     under = underscore_names(spec)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    skipped, unknown, unsupported = [], [], {}
-    for key, tensor in sd.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES):
-            skipped.append(key)
-            continue
-        parts = _split_key(key)
-        if parts is None:
-            unknown.append(key)
-            continue
-        stem, role = parts
-        if role.startswith("unsupported:"):
-            unsupported.setdefault(role.split(":", 1)[1], []).append(key)
-            continue
-        groups.setdefault(stem, {})[role] = tensor
-    if unsupported:
-        kinds_txt = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in unsupported.items())
-        raise LoraFileError("this file holds adapters that are not plain low-rank (LoRA/LoCon) residuals "
-                            f"({kinds_txt}); apply it globally with LoraLoader instead")
+    groups, skipped, unknown = _group_keys(sd, "LoraLoader")
     layers, formats = {}, set()
     for stem, parts in groups.items():
         if not any(r.startswith("down:") for r in parts):
@@ -430,25 +437,7 @@ def read_keyed_lora(sd: dict[str, torch.Tensor], key_map: dict, widths: dict[str
         raise LoraFamilyError(
             f"this LoRA is for {family_label(detected)} ({detected}) but the model is {family_label(family)} "
             f"({family}); load a LoRA made for this model family")
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    skipped, unknown, unsupported = [], [], {}
-    for key, tensor in sd.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES):
-            skipped.append(key)
-            continue
-        parts = _split_key(key)
-        if parts is None:
-            unknown.append(key)
-            continue
-        stem, role = parts
-        if role.startswith("unsupported:"):
-            unsupported.setdefault(role.split(":", 1)[1], []).append(key)
-            continue
-        groups.setdefault(stem, {})[role] = tensor
-    if unsupported:
-        kinds_txt = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in unsupported.items())
-        raise LoraFileError("this file holds adapters that are not plain low-rank (LoRA) residuals "
-                            f"({kinds_txt}); apply it globally with LoraLoaderModelOnly instead")
+    groups, skipped, unknown = _group_keys(sd, "LoraLoaderModelOnly")
     pieces: dict[str, list[tuple[LowRank, int]]] = {}
     for stem, parts in groups.items():
         if not any(r.startswith("down:") for r in parts):

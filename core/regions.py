@@ -456,19 +456,22 @@ def dit_region_gates(sites: list, modules: dict[str, nn.Module], regions: list[R
     Masks are resolved against each other on the token grid by ``rule`` (``core.compose.resolve_overlaps``);
     word regions (``tokens``) gate their block sites by that block's attention from ``tap`` (set each such gate's
     ``plan`` per call, as LAG does; ``mask_rule`` binarises their maps) and add where they overlap. ``cache`` (kept
-    across calls) holds each region's
-    constants (Delta W, its mask at each layout).
+    across calls, for one list of regions) holds the resolved masks per token grid and each region's constants
+    (Delta W, its mask at each layout).
     """
     cache = {} if cache is None else cache
     if text_layers not in TEXT_LAYERS:
         raise RegionError(f"unknown text_layers {text_layers!r}; choose one of {', '.join(TEXT_LAYERS)}")
     names = [r.name or f"region {i + 1}" for i, r in enumerate(regions)]
     masked = [i for i, r in enumerate(regions) if r.mask is not None]
-    resolved = {}
-    if masked:
-        stack = torch.stack([resize_mask(regions[i].mask, grid) for i in masked])[:, None]  # [K, 1, N]
-        for i, m in zip(masked, resolve_overlaps(stack, rule, names=[names[i] for i in masked]), strict=True):
-            resolved[i] = m.view(grid)
+    resolved = cache.get(("resolved", grid, rule))  # the same for every call of a run at this latent size
+    if resolved is None:
+        resolved = {}
+        if masked:
+            stack = torch.stack([resize_mask(regions[i].mask, grid) for i in masked])[:, None]  # [K, 1, N]
+            for i, m in zip(masked, resolve_overlaps(stack, rule, names=[names[i] for i in masked]), strict=True):
+                resolved[i] = m.view(grid)
+        cache[("resolved", grid, rule)] = resolved
     site_kinds = {s.target: s.tokens for s, _ in sites}  # learned residuals are keyed by their sites
     gates = []
     for i, region in enumerate(regions):
