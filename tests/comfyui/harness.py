@@ -371,3 +371,39 @@ def start_server(checkpoints=(), base_dir=None, timeout=120, **kwargs):
     """Start a new, independent ComfyServer (new port, new base dir) and return it once it answers."""
     base_dir = base_dir or tempfile.mkdtemp(prefix="comfyui-concepts-")
     return ComfyServer(base_dir, checkpoints=checkpoints, **kwargs).start(timeout=timeout)
+
+
+# The setup every in-process script starts with: ComfyUI on the CPU, its folder_paths, this pack imported as a package.
+IN_PROCESS_SETUP = """
+import importlib.util, json, sys
+from pathlib import Path
+sys.argv = sys.argv[:1] + ["--cpu"]
+sys.path.insert(0, {comfy!r})
+import torch
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.cli_args  # noqa: F401
+import nodes  # noqa: F401  (sets up folder_paths)
+import folder_paths
+spec = importlib.util.spec_from_file_location("comfyui_concepts", Path({repo!r}) / "__init__.py",
+                                              submodule_search_locations=[{repo!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["comfyui_concepts"] = pack
+spec.loader.exec_module(pack)
+"""
+
+
+def run_in_process(body: str, timeout: int = 900, **values) -> dict:
+    """Run ``body`` (dedented Python, ``str.format``-ed with ``values``) after ``IN_PROCESS_SETUP`` in ComfyUI's own
+    Python; it reports by printing one line ``RESULT <json>``, which is returned. Fails with the script's stderr."""
+    import json
+    import subprocess
+    import textwrap
+
+    script = (IN_PROCESS_SETUP + textwrap.dedent(body)).format(comfy=str(comfyui_path()), repo=str(REPO_ROOT),
+                                                               **values)
+    proc = subprocess.run([comfyui_python(), "-c", script], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(comfyui_path()))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])

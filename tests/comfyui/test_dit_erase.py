@@ -15,9 +15,6 @@ at scale 1 changes the latent, on SD3 through the node and on Flux (at cfg 1, as
 function with random conditioning (no T5 encode); LEACE on SD3's conditioning changes the rows and at strength 0
 returns them unchanged (the tiny SD3 has no T5, so only CLIP's rows are fitted here).
 """
-import json
-import subprocess
-import textwrap
 
 import pytest
 
@@ -26,22 +23,7 @@ from .make_checkpoints import SD3_NAME
 
 pytestmark = pytest.mark.dit
 
-SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys
-    from pathlib import Path
-    sys.argv = sys.argv[:1] + ["--cpu"]
-    sys.path.insert(0, {comfy!r})
-    import torch
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401
-    import nodes  # noqa: F401  (sets up folder_paths)
-    import folder_paths
-    spec = importlib.util.spec_from_file_location("comfyui_concepts", Path({repo!r}) / "__init__.py",
-                                                  submodule_search_locations=[{repo!r}])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_concepts"] = pack
-    spec.loader.exec_module(pack)
+SCRIPT = """
     import comfy.lora, comfy.sample, comfy.sd, comfy.utils
     from comfyui_concepts.core.patching.comfy import model_family
     from comfyui_concepts.nodes.erase.closed_form import EraseConceptClosedForm
@@ -72,17 +54,11 @@ SCRIPT = textwrap.dedent("""
     res["stock_equal"] = torch.equal(sample(stock, "red"), sample(edited, "red"))
     res["plain_after_equal"] = torch.equal(sample(model, "red"), base_red)
     print("RESULT " + json.dumps(res))
-""")
+"""
 
 
 def test_closed_form_erase_on_sd3_maps_the_word_to_the_anchor(dit_checkpoints, tmp_path):
-    script = SCRIPT.format(comfy=str(harness.comfyui_path()), repo=str(harness.REPO_ROOT),
-                           path=str(dit_checkpoints[SD3_NAME]), out_dir=str(tmp_path))
-    proc = subprocess.run([harness.comfyui_python(), "-c", script], capture_output=True, text=True, timeout=900,
-                          cwd=str(harness.comfyui_path()))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = harness.run_in_process(SCRIPT, path=str(dit_checkpoints[SD3_NAME]), out_dir=str(tmp_path))
     assert res["family"] == "SD3"
     assert res["base_red_vs_anchor"] > 1e-2  # the word changes the latent before the edit
     assert res["erased_red_vs_anchor"] <= 1e-3 * max(1.0, res["scale"]), res
@@ -90,22 +66,7 @@ def test_closed_form_erase_on_sd3_maps_the_word_to_the_anchor(dit_checkpoints, t
     assert res["stock_equal"] and res["plain_after_equal"]
 
 
-STEER_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys
-    from pathlib import Path
-    sys.argv = sys.argv[:1] + ["--cpu"]
-    sys.path.insert(0, {comfy!r})
-    import torch
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401
-    import nodes  # noqa: F401  (sets up folder_paths)
-    import folder_paths
-    spec = importlib.util.spec_from_file_location("comfyui_concepts", Path({repo!r}) / "__init__.py",
-                                                  submodule_search_locations=[{repo!r}])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_concepts"] = pack
-    spec.loader.exec_module(pack)
+STEER_SCRIPT = """
     import comfy.lora, comfy.sample, comfy.sd, comfy.utils
     from comfyui_concepts.core.patching.comfy import model_family
     import comfy.sampler_helpers, comfy.samplers
@@ -173,7 +134,7 @@ STEER_SCRIPT = textwrap.dedent("""
             res["esd_x_error"] = str(e)
     res["plain_after_equal"] = torch.equal(sample(model), base)
     print("RESULT " + json.dumps(res))
-""")
+"""
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -181,13 +142,7 @@ def test_steering_leace_and_esd_run_on_dits(dit_checkpoints, family):
     from .make_checkpoints import FLUX_NAME
 
     path = dit_checkpoints[SD3_NAME if family == "sd3" else FLUX_NAME]
-    script = STEER_SCRIPT.format(comfy=str(harness.comfyui_path()), repo=str(harness.REPO_ROOT), family=family,
-                                 path=str(path))
-    proc = subprocess.run([harness.comfyui_python(), "-c", script], capture_output=True, text=True, timeout=900,
-                          cwd=str(harness.comfyui_path()))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = harness.run_in_process(STEER_SCRIPT, family=family, path=str(path))
     assert res["scale0_equal"] and res["plain_after_equal"], res
     assert res["scale1_change"] > 1e-3, res  # steering acts (on Flux at cfg 1 too)
     if family == "sd3":

@@ -7,9 +7,6 @@ Random conditioning stands in for the text encoders (positions 5 and 6 play V* a
 - an attention override another node set earlier still runs under LAG and recording, and alone changes nothing;
 - after LAG and recording, the plain model samples the same latent as before them.
 """
-import json
-import subprocess
-import textwrap
 
 import pytest
 
@@ -18,21 +15,7 @@ from .make_checkpoints import FLUX_NAME, SD3_NAME
 
 pytestmark = pytest.mark.dit
 
-SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys
-    from pathlib import Path
-    sys.argv = sys.argv[:1] + ["--cpu"]
-    sys.path.insert(0, {comfy!r})
-    import torch
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401
-    import nodes  # noqa: F401  (sets up folder_paths)
-    spec = importlib.util.spec_from_file_location("comfyui_concepts", Path({repo!r}) / "__init__.py",
-                                                  submodule_search_locations=[{repo!r}])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_concepts"] = pack
-    spec.loader.exec_module(pack)
+SCRIPT = """
     import comfy.sample, comfy.sd, comfy.utils
     from comfyui_concepts.core import residuals as R
     from comfyui_concepts.core.heatmaps import AttentionRecord
@@ -89,19 +72,13 @@ SCRIPT = textwrap.dedent("""
     res["other_calls"] = [calls_alone, calls[0]]
     res["plain_after_equal"] = torch.equal(sample(model), base)
     print("RESULT " + json.dumps(res))
-""")
+"""
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_dit_identities_in_comfyui(dit_checkpoints, family, tmp_path):
     path = str(dit_checkpoints[SD3_NAME if family == "sd3" else FLUX_NAME])
-    script = SCRIPT.format(comfy=str(harness.comfyui_path()), repo=str(harness.REPO_ROOT), family=family, path=path,
-                           out_dir=str(tmp_path))
-    proc = subprocess.run([harness.comfyui_python(), "-c", script], capture_output=True, text=True, timeout=900,
-                          cwd=str(harness.comfyui_path()))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = harness.run_in_process(SCRIPT, family=family, path=path, out_dir=str(tmp_path))
     assert res["family"] == {"sd3": "SD3", "flux": "Flux"}[family]
     assert res["stock_vs_apply"] == 0.0  # LoraLoaderModelOnly on our file = Apply Residuals, bit for bit
     assert res["apply_vs_base"] > 1e-3  # and the residual does something

@@ -8,9 +8,6 @@ Random conditioning stands in for the text encoders, so no T5 runs. For each LoR
 - an empty-mask region is the base model exactly; two regions on the two halves sample a finite latent;
 - an SD1.5 LoRA on the DiT is refused naming both families.
 """
-import json
-import subprocess
-import textwrap
 
 import pytest
 
@@ -21,22 +18,7 @@ pytestmark = pytest.mark.dit
 
 FORMATS = {"kohya": "lora_unet_", "diffusers": "transformer.", "comfyui": "diffusion_model."}
 
-SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys
-    from pathlib import Path
-    sys.argv = sys.argv[:1] + ["--cpu"]
-    sys.path.insert(0, {comfy!r})
-    import torch
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401
-    import nodes  # noqa: F401  (sets up folder_paths)
-    import folder_paths
-    spec = importlib.util.spec_from_file_location("comfyui_concepts", Path({repo!r}) / "__init__.py",
-                                                  submodule_search_locations=[{repo!r}])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_concepts"] = pack
-    spec.loader.exec_module(pack)
+SCRIPT = """
     import comfy.lora, comfy.sample, comfy.sd, comfy.utils
     from safetensors.torch import save_file
     from comfyui_concepts.core import lora_files as L
@@ -116,19 +98,13 @@ SCRIPT = textwrap.dedent("""
     except L.LoraFileError as e:
         res["sd15_error"] = str(e)
     print("RESULT " + json.dumps(res))
-""")
+"""
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_dit_regions_match_the_stock_loader_in_every_key_format(dit_checkpoints, family, tmp_path):
     path = str(dit_checkpoints[SD3_NAME if family == "sd3" else FLUX_NAME])
-    script = SCRIPT.format(comfy=str(harness.comfyui_path()), repo=str(harness.REPO_ROOT), family=family, path=path,
-                           out_dir=str(tmp_path), formats=FORMATS)
-    proc = subprocess.run([harness.comfyui_python(), "-c", script], capture_output=True, text=True, timeout=900,
-                          cwd=str(harness.comfyui_path()))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = harness.run_in_process(SCRIPT, family=family, path=path, out_dir=str(tmp_path), formats=FORMATS)
     label = {"sd3": "SD3", "flux": "Flux"}[family]
     assert res["family"] == label
     for fmt in FORMATS:
